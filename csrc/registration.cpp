@@ -1,0 +1,43 @@
+// One extension, cspkv._C: the op schemas (each backend file registers its own
+// implementation with TORCH_LIBRARY_IMPL) and a pybind11 module with build info.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef CSPKV_CUDA_ARCHS
+#define CSPKV_CUDA_ARCHS ""
+#endif
+#ifndef CSPKV_TORCH_VERSION
+#define CSPKV_TORCH_VERSION ""
+#endif
+#ifndef CSPKV_CUDA_VERSION
+#define CSPKV_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(cspkv, m) {
+  m.def(
+      "window_scores(Tensor q_win, Tensor keys, Tensor q_mod, Tensor k_mod, *, float scale, float n=1.0)"
+      " -> (Tensor self_scores, Tensor cross_scores)");
+  m.def(
+      "select_keep(Tensor self_scores, Tensor cross_scores, Tensor k_mod, *, int budget, int recent,"
+      " float cross_ratio) -> (Tensor keep_idx, Tensor keep_valid)");
+  m.def("compact_kv(Tensor keys, Tensor values, Tensor keep_idx) -> (Tensor keys_out, Tensor values_out)");
+  m.def(
+      "nsoftmax_attention(Tensor q, Tensor keys, Tensor values, *, float scale, float n=0.0,"
+      " Tensor? kv_valid=None) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cspkv kernels: window scores, keep selection, KV compaction, n-softmax attention";
+  m.def("build_info", []() {
+    pybind11::dict info;
+#ifdef CSPKV_WITH_CUDA
+    info["with_cuda"] = true;
+#else
+    info["with_cuda"] = false;
+#endif
+    info["cuda_archs"] = std::string(CSPKV_CUDA_ARCHS);
+    info["cuda_version"] = std::string(CSPKV_CUDA_VERSION);
+    info["torch_version"] = std::string(CSPKV_TORCH_VERSION);
+    return info;
+  }, "How this extension was built: with_cuda, cuda_archs, cuda_version, torch_version.");
+}
