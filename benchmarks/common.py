@@ -1,0 +1,101 @@
+"""Shared pieces of the benchmark scripts: timing, device names, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Callable, List
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_label(device: torch.device) -> str:
+    """A file-name friendly name of the device results were measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace("NVIDIA ", "").replace(" ", "-").lower()
+    return f"cpu-{os.cpu_count()}core"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} torch threads"
+
+
+@contextmanager
+def nvtx_range(name: str, device: torch.device):
+    """An NVTX range (visible to nsys / ncu --nvtx) on CUDA; nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.nvtx.range_pop()
+
+
+_l2_flush = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    if device not in _l2_flush:
+        size = torch.cuda.get_device_properties(device).L2_cache_size or 64 << 20
+        _l2_flush[device] = torch.empty(2 * size, dtype=torch.uint8, device=device)
+    _l2_flush[device].zero_()
+
+
+def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 7,
+                max_seconds: float = 20.0) -> float:
+    """Median seconds of `fn()`: CUDA events with L2 flushed before each run on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    budget_end = time.perf_counter() + max_seconds
+    for _ in range(repeats):
+        if device.type == "cuda":
+            _flush_l2(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        if time.perf_counter() > budget_end and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def write_results(stem: str, header: str, rows: List[dict], columns: List[str], extra_md: str = "") -> str:
+    """Writes benchmarks/results/<stem>.json and .md; returns the markdown table."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
+    lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
+        f.write(f"{header}\n\n{table}\n{extra_md}")
+    return table
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
