@@ -1,0 +1,212 @@
+"""The pruned cache layer: logical length vs stored length, and dead slots.
+
+After CSP prunes a layer at prefill, `cache.layers[i]` of the transformers
+`DynamicCache` becomes a `PrunedLayer` (a `DynamicLayer` subclass, so the
+cache's own methods keep working). It stores the compacted keys/values
+[B, Hkv, C, D], `kv_valid` [B, Hkv, C] (False marks a dead slot: padding or the
+filler of a row that kept fewer tokens than the batch's largest budget) and the
+`logical_len` L. `get_seq_length()` and the mask sizes report logical lengths,
+so the next token's position id and cache position are L, L+1, ...; new tokens
+are appended after the kept prefix as valid slots.
+
+Supports transformers 4.57 (`get_mask_sizes(cache_position)`, `crop(max_length)`)
+and 5.x (`get_mask_sizes(query_length)`, `crop(-tokens_to_remove)`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Tuple
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from . import ops
+
+# transformers 5.x: crop(tokens_to_remove <= 0); 4.57: crop(max_length), an absolute length or a negative count.
+_CROP_TAKES_REMOVAL = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
+
+
+class Liveness:
+    """Shared flag: False once the patch that pruned a cache has been removed."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = True
+
+
+class PrunedLayer(DynamicLayer):
+    """A `DynamicLayer` whose prompt was compacted by CSP.
+
+    Attributes
+    ----------
+    keys, values : [B, Hkv, C + t, D] stored tensors (kept prompt tokens, then t appended tokens).
+    kv_valid : bool [B, Hkv, C + t]; False marks dead slots, never attended.
+    logical_len : L + t, the length the model sees (positions, masks).
+    pruned_len : C, stored prompt slots; `crop` can only remove tokens appended after them.
+    """
+
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, logical_len: int, liveness: Liveness):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.kv_valid = kv_valid
+        self.logical_len = int(logical_len)
+        self.pruned_len = keys.shape[-2]
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._liveness = liveness
+
+    def __repr__(self) -> str:
+        stored = 0 if self.keys is None else self.keys.shape[-2]
+        return f"PrunedLayer(logical_len={self.logical_len}, stored={stored})"
+
+    @property
+    def is_pruned(self) -> bool:
+        """False after `reset()`: the layer then behaves as an empty DynamicLayer until pruned again."""
+        return self.kv_valid is not None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Append new tokens (valid slots) and return the stored keys and values."""
+        if not self._liveness.active:
+            raise RuntimeError(
+                "cspkv: this cache was pruned by a patched model that has since been unpatched; "
+                "its stored length no longer matches what the unpatched attention expects. Start a new cache."
+            )
+        if not self.is_initialized or self.keys is None:
+            self.keys, self.values = key_states, value_states
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            if self.kv_valid is not None:
+                B, Hkv, Q = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
+                new = torch.ones(B, Hkv, Q, dtype=torch.bool, device=self.kv_valid.device)
+                self.kv_valid = torch.cat([self.kv_valid, new], dim=-1)
+        self.logical_len += key_states.shape[-2]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """The logical length: prompt tokens before pruning plus appended tokens."""
+        return self.logical_len
+
+    def get_mask_sizes(self, query) -> Tuple[int, int]:
+        """(kv_length, kv_offset) in logical positions; `query` is a length (5.x) or cache_position (4.57)."""
+        q = query if isinstance(query, int) else int(query.shape[0])
+        return self.logical_len + q, 0
+
+    def reset(self) -> None:
+        self.keys = self.values = self.kv_valid = None
+        self.logical_len = 0
+        self.pruned_len = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch rows of keys, values and kv_valid alike."""
+        if self.keys is not None and self.keys.numel():
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+            if self.kv_valid is not None:
+                self.kv_valid = self.kv_valid.index_select(0, beam_idx.to(self.kv_valid.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is not None and self.keys.numel():
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+            if self.kv_valid is not None:
+                self.kv_valid = self.kv_valid.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.keys is not None and self.keys.numel():
+            self.keys = self.keys[indices, ...]
+            self.values = self.values[indices, ...]
+            if self.kv_valid is not None:
+                self.kv_valid = self.kv_valid[indices, ...]
+
+    def crop(self, amount: int) -> None:
+        """Remove tokens appended after pruning (assisted decoding); the pruned prompt cannot be cropped."""
+        if _CROP_TAKES_REMOVAL:
+            if amount > 0:
+                raise ValueError(f"Calling `crop` with a positive value (`{amount}`) is not supported; pass -tokens_to_remove")
+            remove = -amount
+        else:
+            remove = -amount if amount < 0 else self.logical_len - amount
+        if remove <= 0 or self.keys is None:
+            return
+        appended = self.keys.shape[-2] - self.pruned_len
+        if remove > appended:
+            raise NotImplementedError(
+                f"cspkv: cannot crop {remove} tokens from a pruned cache layer: only the {appended} tokens appended "
+                "after pruning can be removed, the prompt part was compacted"
+            )
+        self.keys = self.keys[..., :-remove, :]
+        self.values = self.values[..., :-remove, :]
+        if self.kv_valid is not None:
+            self.kv_valid = self.kv_valid[..., :-remove]
+        self.logical_len -= remove
+
+
+_LAYER_TYPES = (DynamicLayer, DynamicSlidingWindowLayer, PrunedLayer)
+
+
+def check_cache(cache) -> None:
+    """Raise a TypeError, before any work, for a cache cspkv cannot prune.
+
+    None (no cache, or one created by the model) and a `DynamicCache` whose
+    layers are plain dynamic, sliding-window or pruned layers are accepted.
+    """
+    if cache is None:
+        return
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"cspkv: unsupported cache type {type(cache).__name__}; pass a transformers DynamicCache "
+            "(the default of generate()) or None"
+        )
+    if not isinstance(cache, DynamicCache):
+        raise TypeError(
+            f"cspkv: unsupported cache type {type(cache).__name__}; cspkv prunes a DynamicCache (the default of "
+            "generate()). Static, quantized, offloaded-static and encoder-decoder caches are not supported."
+        )
+    for idx, layer in enumerate(getattr(cache, "layers", ())):
+        if type(layer) not in _LAYER_TYPES:
+            raise TypeError(
+                f"cspkv: unsupported cache layer {type(layer).__name__} at index {idx}; cspkv handles "
+                "DynamicLayer and DynamicSlidingWindowLayer (DynamicCache without quantization)"
+            )
+
+
+def compact(
+    keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor, keep_valid: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gather the kept slots [B, Hkv, K, D]; dead slots are zeroed.
+
+    Dead slots may hold the K/V of padding positions, which can be NaN after a
+    fully-masked padding row; attention gives them probability 0, but 0 * NaN
+    would still poison the output.
+    """
+    keys_c, values_c = ops.compact_kv(keys, values, keep_idx)
+    if not bool(keep_valid.all()):
+        dead = ~keep_valid[..., None]
+        keys_c.masked_fill_(dead, 0)
+        values_c.masked_fill_(dead, 0)
+    return keys_c, values_c
+
+
+def stored_bytes(layer) -> int:
+    """Bytes of a cache layer's stored key and value tensors."""
+    total = 0
+    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def layer_at(cache, layer_idx: int) -> Optional[object]:
+    """`cache.layers[layer_idx]` or None."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    return layers[layer_idx]

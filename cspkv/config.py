@@ -1,0 +1,133 @@
+"""`CSPConfig`: what Cross-Self Pruning keeps, validated once when it is built.
+
+Sizes (`budget`, `window`, `recent`) are given either as a fraction of each
+prompt's real length (a float) or as a token count (an int); `cspkv.policy`
+turns them into per-row counts. Every bad value raises a ValueError (or a
+TypeError for a wrong type) that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+Size = Union[float, int]
+
+
+def _fail(field: str, message: str, kind: type = ValueError) -> None:
+    raise kind(f"CSPConfig.{field} {message}")
+
+
+def _check_size(field: str, value, *, allow_zero: bool) -> None:
+    """A fraction (float in (0, 1], or [0, 1] with allow_zero) or a count (int >= 1, or >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, f"must be a float fraction or an int token count, got {value!r}", TypeError)
+    if isinstance(value, float):
+        low_ok = value >= 0.0 if allow_zero else value > 0.0
+        if not (math.isfinite(value) and low_ok and value <= 1.0):
+            interval = "[0, 1]" if allow_zero else "(0, 1]"
+            _fail(field, f"as a float is a fraction of the prompt and must lie in {interval}, got {value!r} "
+                  "(give an int for a token count)")
+    elif value < (0 if allow_zero else 1):
+        _fail(field, f"as an int is a token count and must be >= {0 if allow_zero else 1}, got {value!r}")
+
+
+def _check_non_negative(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, f"must be a number >= 0, got {value!r}", TypeError)
+    if not (math.isfinite(value) and value >= 0):
+        _fail(field, f"must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CSPConfig:
+    """Settings of Cross-Self Pruning (see CSP_SPEC.md).
+
+    Parameters
+    ----------
+    budget : float in (0, 1] or int >= 1, default 0.2
+        Tokens kept per row and KV head, recent ones included: a fraction of the
+        row's real prompt length (rounded to the nearest count, at least 1) or a
+        count. ``1.0`` keeps everything (and must reproduce the unpatched model);
+        the int ``1`` keeps one token.
+    window : float in (0, 1] or int >= 1, default 0.1
+        Observation window: the last `window` prompt positions score the keys.
+    recent : float in [0, 1], int >= 0 or None, default None (= `window`)
+        The last `recent` prompt tokens are always kept (capped at the budget).
+    cross_ratio : float in [0, 1] or "auto", default 0.5
+        Share of the heavy-hitter slots (budget - recent) chosen by cross-modality
+        score; the rest go to the self-modality score. ``"auto"`` uses the share of
+        cross-modal (query, key) pairs in the window. A row whose prompt holds a
+        single modality has no cross attention to rank and uses 0.
+    n : float >= 0, default 1.0
+        n-softmax constant of the scoring pass (0 = plain softmax).
+    decode_n : float >= 0, default 0.0
+        n-softmax constant of the attention over a pruned cache (0 = softmax).
+    min_prompt : int >= 1, default 32
+        Rows with fewer real prompt tokens are not pruned (logged at debug level).
+    layers : sequence of int or None, default None (= every prunable layer)
+        Decoder layer indices to prune.
+
+    Example
+    -------
+    >>> CSPConfig(budget=0.3, cross_ratio="auto").recent is None
+    True
+    """
+
+    budget: Size = 0.2
+    window: Size = 0.1
+    recent: Optional[Size] = None
+    cross_ratio: Union[float, str] = 0.5
+    n: float = 1.0
+    decode_n: float = 0.0
+    min_prompt: int = 32
+    layers: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        _check_size("budget", self.budget, allow_zero=False)
+        _check_size("window", self.window, allow_zero=False)
+        if self.recent is not None:
+            _check_size("recent", self.recent, allow_zero=True)
+        if isinstance(self.cross_ratio, str):
+            if self.cross_ratio != "auto":
+                _fail("cross_ratio", f"must be a number in [0, 1] or 'auto', got {self.cross_ratio!r}")
+        elif isinstance(self.cross_ratio, bool) or not isinstance(self.cross_ratio, (int, float)):
+            _fail("cross_ratio", f"must be a number in [0, 1] or 'auto', got {self.cross_ratio!r}", TypeError)
+        elif not (math.isfinite(self.cross_ratio) and 0.0 <= self.cross_ratio <= 1.0):
+            _fail("cross_ratio", f"must be a number in [0, 1] or 'auto', got {self.cross_ratio!r}")
+        _check_non_negative("n", self.n)
+        _check_non_negative("decode_n", self.decode_n)
+        if isinstance(self.min_prompt, bool) or not isinstance(self.min_prompt, int):
+            _fail("min_prompt", f"must be an int >= 1, got {self.min_prompt!r}", TypeError)
+        if self.min_prompt < 1:
+            _fail("min_prompt", f"must be an int >= 1, got {self.min_prompt!r}")
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+                _fail("layers", f"must be a sequence of layer indices or None, got {layers!r}", TypeError)
+            layers = tuple(layers)
+            for idx in layers:
+                if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                    _fail("layers", f"must hold ints >= 0, got {idx!r} in {layers!r}")
+            if len(set(layers)) != len(layers):
+                _fail("layers", f"must not repeat a layer, got {layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+
+    def replace(self, **overrides) -> "CSPConfig":
+        """A copy with `overrides` applied (validated again); unknown names raise TypeError."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"CSPConfig has no field {', '.join(map(repr, unknown))}; fields are {', '.join(sorted(fields))}")
+        return dataclasses.replace(self, **overrides)
+
+
+def resolve(config: Optional[CSPConfig], overrides: dict) -> CSPConfig:
+    """`config` (default CSPConfig()) with keyword `overrides` applied."""
+    if config is None:
+        config = CSPConfig()
+    elif not isinstance(config, CSPConfig):
+        raise TypeError(f"cspkv: config must be a cspkv.CSPConfig or None, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config

@@ -1,0 +1,174 @@
+"""Budget arithmetic and the CSP selection policy, per batch row.
+
+A padded batch holds prompts of different real lengths. Every size in a
+`CSPConfig` is resolved against each row's own real length, so a row keeps
+the same tokens alone and inside a batch: `plan_batch` gives one `RowPlan` per
+row, `window_query_ids` marks the window queries a shorter row does not own as
+padding, and `select` runs `ops.select_keep` per group of rows with equal
+settings, then pads every row to the batch's largest budget with dead slots
+(``keep_valid`` False).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from . import ops
+from .config import CSPConfig
+
+logger = logging.getLogger("cspkv")
+
+
+def token_count(spec, length: int) -> int:
+    """Tokens meant by a size `spec` for a prompt of `length` real tokens.
+
+    A float is a fraction of `length`, rounded half up; an int is a count.
+    The result is clamped to [0, length].
+
+    >>> token_count(0.2, 101), token_count(0.2, 102), token_count(30, 20)
+    (20, 20, 20)
+    """
+    if isinstance(spec, float):
+        count = int(math.floor(spec * length + 0.5))
+    else:
+        count = int(spec)
+    return max(0, min(count, length))
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What one batch row keeps.
+
+    Attributes
+    ----------
+    length : real (non-padding) prompt tokens of the row.
+    budget : tokens kept per KV head (>= 1; all of them when not `pruned`).
+    window : observation-window queries of the row (<= length; 0 when not `pruned`).
+    recent : last tokens always kept (<= budget).
+    cross_ratio : effective cross share of the heavy-hitter slots.
+    pruned : False when the row is shorter than `min_prompt` and keeps everything.
+    """
+
+    length: int
+    budget: int
+    window: int
+    recent: int
+    cross_ratio: float
+    pruned: bool
+
+
+def auto_cross_ratio(window_mod: torch.Tensor, key_mod: torch.Tensor) -> float:
+    """Share of cross-modal (query, key) pairs: sum_m w_m (n - l_m) / (W n).
+
+    `window_mod` holds the modality ids of the row's real window queries and
+    `key_mod` those of its real keys (1-D CPU tensors, no padding).
+
+    >>> auto_cross_ratio(torch.tensor([0, 0]), torch.tensor([1, 1, 0, 0]))
+    0.5
+    """
+    W, n = window_mod.numel(), key_mod.numel()
+    if W == 0 or n == 0:
+        return 0.0
+    ids, key_counts = torch.unique(key_mod, return_counts=True)
+    per_mod = dict(zip(ids.tolist(), key_counts.tolist()))
+    cross_pairs = sum(n - per_mod.get(m, 0) for m in window_mod.tolist())
+    return float(cross_pairs) / float(W * n)
+
+
+def plan_row(config: CSPConfig, row_mod: torch.Tensor) -> RowPlan:
+    """The `RowPlan` of one row from its modality ids `row_mod` [L] (CPU, -1 = padding).
+
+    The window is the row's last real tokens (rows are left-padded).
+    """
+    real = row_mod[row_mod >= 0]
+    length = real.numel()
+    if length == 0:
+        return RowPlan(0, 1, 0, 0, 0.0, False)
+    if length < config.min_prompt:
+        return RowPlan(length, length, 0, length, 0.0, False)
+    window = max(1, token_count(config.window, length))
+    budget = max(1, token_count(config.budget, length))
+    recent_spec = config.window if config.recent is None else config.recent
+    recent = min(token_count(recent_spec, length), budget)
+    if torch.unique(real).numel() < 2:
+        # One modality: every cross score is 0, so a cross share would only keep the oldest tokens.
+        cross_ratio = 0.0
+    elif config.cross_ratio == "auto":
+        cross_ratio = auto_cross_ratio(real[-window:], real)
+    else:
+        cross_ratio = float(config.cross_ratio)
+    return RowPlan(length, budget, window, recent, cross_ratio, True)
+
+
+def plan_batch(config: CSPConfig, k_mod: torch.Tensor) -> List[RowPlan]:
+    """One `RowPlan` per row of `k_mod` [B, L] (any device; copied to CPU once)."""
+    ids = k_mod.detach().to("cpu")
+    return [plan_row(config, ids[b]) for b in range(ids.shape[0])]
+
+
+def window_query_ids(k_mod: torch.Tensor, plans: Sequence[RowPlan]) -> torch.Tensor:
+    """q_mod [B, W] for the batch window W = max row window (>= 1).
+
+    The window covers the last W positions; the queries of a row beyond its own
+    window are marked -1 so that they score nothing.
+    """
+    W = max(1, max(p.window for p in plans))
+    W = min(W, k_mod.shape[1])
+    q_mod = k_mod[:, -W:].clone()
+    for b, plan in enumerate(plans):
+        if plan.window < W:
+            q_mod[b, : W - plan.window] = -1
+    return q_mod
+
+
+def score(q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *, scale: float, n: float):
+    """(self_scores, cross_scores) float32 [B, Hkv, L] of the last q_mod.shape[1] queries of `q` [B, H, Lq, D]."""
+    W = q_mod.shape[1]
+    return ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=n)
+
+
+def _pad_row(idx: torch.Tensor, valid: torch.Tensor, K: int, L: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Grow one row's (idx, valid) [Hkv, k] to K slots with unused positions marked invalid."""
+    Hkv, k = idx.shape
+    if k == K:
+        return idx, valid
+    taken = torch.zeros(Hkv, L, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+    free = ~taken
+    extra = free & (free.long().cumsum(-1) <= K - k)
+    new_idx = (taken | extra).nonzero()[:, 1].view(Hkv, K)
+    valid_at = torch.zeros(Hkv, L, dtype=torch.bool, device=idx.device).scatter_(1, idx, valid)
+    return new_idx, valid_at.gather(1, new_idx)
+
+
+def select(
+    self_scores: torch.Tensor, cross_scores: torch.Tensor, k_mod: torch.Tensor, plans: Sequence[RowPlan]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """keep_idx int64 [B, Hkv, K] (ascending) and keep_valid bool [B, Hkv, K], K = max row budget.
+
+    Rows with equal (budget, recent, cross_ratio) share one `ops.select_keep` call.
+    """
+    B, Hkv, L = self_scores.shape
+    groups: Dict[Tuple[int, int, float], List[int]] = {}
+    for b, plan in enumerate(plans):
+        groups.setdefault((plan.budget, plan.recent, plan.cross_ratio), []).append(b)
+    if len(groups) == 1:
+        (budget, recent, ratio), _ = next(iter(groups.items()))
+        return ops.select_keep(self_scores, cross_scores, k_mod, budget=budget, recent=recent, cross_ratio=ratio)
+
+    K = max(p.budget for p in plans)
+    keep_idx = torch.empty(B, Hkv, K, dtype=torch.int64, device=self_scores.device)
+    keep_valid = torch.empty(B, Hkv, K, dtype=torch.bool, device=self_scores.device)
+    for (budget, recent, ratio), rows in groups.items():
+        sel = torch.tensor(rows, device=self_scores.device)
+        idx, valid = ops.select_keep(
+            self_scores.index_select(0, sel), cross_scores.index_select(0, sel), k_mod.index_select(0, sel),
+            budget=budget, recent=recent, cross_ratio=ratio,
+        )
+        for i, b in enumerate(rows):
+            keep_idx[b], keep_valid[b] = _pad_row(idx[i], valid[i], K, L)
+    return keep_idx, keep_valid
