@@ -1,0 +1,145 @@
+"""Per-family guarantees of cspkv.patch on tiny random-init models (CPU).
+
+For Llama, Mistral, Qwen2, Qwen3 (QK-norm) and Phi3 (fused qkv):
+budget=1.0 reproduces the unpatched model; remove() gives back a model whose
+outputs are bitwise those of a never-patched twin; with budget < 1 every
+pruned layer stores exactly the expected number of tokens and the stored
+bytes drop; positions stay logical; a left-padded batch gives, row by row,
+the tokens of each prompt run alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+import cspkv
+from cspkv.cache import PrunedLayer
+from patch_models import (
+    CACHE_KW,
+    FAMILIES,
+    cache_bytes,
+    cache_layer_lengths,
+    generate,
+    left_pad,
+    prompt,
+    returned_cache,
+    tiny_model,
+    twin,
+)
+
+ATTN = ("eager", "sdpa")
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_budget_one_reproduces_unpatched(family, attn):
+    model = tiny_model(family, attn=attn)
+    ids = prompt(70, seed=1)
+    reference = generate(model, ids, new=16)
+    with cspkv.patched(model, budget=1.0, min_prompt=8) as handle:
+        out = generate(model, ids, new=16)
+        stats = handle.stats()
+    assert stats["pruned_layers"] == 2 and all(s["kept"] == 70 for s in stats["layers"].values())
+    assert torch.equal(out.sequences, reference.sequences)
+    for got, want in zip(out.logits, reference.logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_restores_bitwise(family):
+    model = tiny_model(family)
+    never = twin(model)
+    ids = prompt(60, seed=2)
+    handle = cspkv.patch(model, budget=0.3, min_prompt=8)
+    pruned = generate(model, ids, new=8)
+    assert isinstance(returned_cache(pruned).layers[0], PrunedLayer)
+    handle.remove()
+    assert not hasattr(model, "_cspkv_handle")
+    for name, module in model.named_modules():
+        assert "_cspkv_layer" not in module.__dict__ and "forward" not in module.__dict__, name
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, never(ids).logits)
+    a, b = generate(model, ids, new=8), generate(never, ids, new=8)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_cache_has_expected_length_and_fewer_bytes(family):
+    model = tiny_model(family)
+    never = twin(model)
+    L = 120
+    ids = prompt(L, seed=3)
+    with torch.no_grad():
+        full = returned_cache(never(ids, use_cache=True))
+        with cspkv.patched(model, budget=0.25, window=0.1, min_prompt=8) as handle:
+            out = model(ids, use_cache=True)
+            cache = returned_cache(out)
+            assert cache_layer_lengths(cache) == [30, 30]  # round(0.25 * 120)
+            assert cache.get_seq_length() == L
+            assert cache_bytes(cache) * 4 == cache_bytes(full)
+            stats = handle.stats()
+            assert stats["kv_bytes_before"] == cache_bytes(full)
+            assert stats["kv_bytes_after"] == cache_bytes(cache)
+            # A decode step appends one stored slot and one logical position.
+            nxt = out.logits[:, -1:].argmax(-1)
+            model(nxt, **{CACHE_KW: cache}, use_cache=True)
+            assert cache_layer_lengths(cache) == [31, 31]
+            assert cache.get_seq_length() == L + 1
+    # budget as an int count, recent capped at the budget
+    with torch.no_grad(), cspkv.patched(model, budget=17, window=40, min_prompt=8):
+        cache = returned_cache(model(ids, use_cache=True))
+        assert cache_layer_lengths(cache) == [17, 17]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_positions_stay_logical(family):
+    """The first decoded token sits at position L (prompt length), not C (stored length).
+
+    The reference rebuilds a plain DynamicCache from the pruned layers' stored
+    keys/values and runs the unpatched model on it with an explicit position
+    id: position L must match the patched decode step, position C must not.
+    """
+    model = tiny_model(family)
+    never = twin(model)
+    L = 90
+    ids = prompt(L, seed=4)
+    with torch.no_grad(), cspkv.patched(model, budget=0.3, min_prompt=8):
+        out = model(ids, use_cache=True)
+        cache = returned_cache(out)
+        C = cache.layers[0].keys.shape[-2]
+        assert C == 27 and cache.get_seq_length() == L
+        stored = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        nxt = out.logits[:, -1:].argmax(-1)
+        patched_logits = model(nxt, **{CACHE_KW: cache}, use_cache=True).logits
+
+    def rebuilt_logits(position):
+        plain = DynamicCache()
+        for i, (k, v) in enumerate(stored):
+            plain.update(k, v, i)
+        with torch.no_grad():
+            return never(nxt, position_ids=torch.tensor([[position]]), **{CACHE_KW: plain}, use_cache=True).logits
+
+    torch.testing.assert_close(patched_logits, rebuilt_logits(L), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(patched_logits, rebuilt_logits(C), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_matches_each_prompt_alone(family, attn):
+    model = tiny_model(family, attn=attn)
+    prompts = [prompt(n, seed=10 + n)[0] for n in (64, 41, 90)]
+    config = cspkv.CSPConfig(budget=0.3, window=0.15, min_prompt=8)
+    ids, mask = left_pad(prompts)
+    with cspkv.patched(model, config) as handle:
+        batch = generate(model, ids, mask, new=10)
+        kept = handle.stats()["layers"][0]["kept_per_row"]
+        assert kept == [19, 12, 27]
+        cache = returned_cache(batch)
+        assert cache_layer_lengths(cache)[0] == 27 + 9
+        for b, p in enumerate(prompts):
+            alone = generate(model, p[None], new=10)
+            assert batch.sequences[b, ids.shape[1]:].tolist() == alone.sequences[0, p.numel():].tolist(), f"row {b}"

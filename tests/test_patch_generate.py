@@ -1,0 +1,226 @@
+"""generate() on a patched model: sampling, long outputs, beam search, multi-turn
+cache continuation, a subset of layers, sliding-window layers, explicit
+modalities, accelerate dispatch and the stats API (tiny Llama-layout models, CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+import cspkv
+from cspkv.cache import PrunedLayer
+from patch_models import (
+    CACHE_KW,
+    cache_layer_lengths,
+    generate,
+    left_pad,
+    prompt,
+    returned_cache,
+    tiny_model,
+    twin,
+)
+
+
+def test_seeded_sampling():
+    model = tiny_model("llama")
+    ids = prompt(60, seed=5)
+    torch.manual_seed(123)
+    reference = generate(model, ids, new=12, do_sample=True, top_k=0, temperature=1.0)
+    with cspkv.patched(model, budget=1.0, min_prompt=8):
+        torch.manual_seed(123)
+        same = generate(model, ids, new=12, do_sample=True, top_k=0, temperature=1.0)
+    assert torch.equal(same.sequences, reference.sequences)
+    with cspkv.patched(model, budget=0.3, min_prompt=8):
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(7)
+            runs.append(generate(model, ids, new=12, do_sample=True).sequences)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_64_new_tokens():
+    model = tiny_model("qwen3")
+    ids = prompt(100, seed=6)
+    never = twin(model)
+    reference = generate(never, ids, new=64)
+    with cspkv.patched(model, budget=1.0, min_prompt=8):
+        assert torch.equal(generate(model, ids, new=64).sequences, reference.sequences)
+    with cspkv.patched(model, budget=0.2, min_prompt=8):
+        out = generate(model, ids, new=64)
+    assert out.sequences.shape == (1, 164)
+    assert cache_layer_lengths(returned_cache(out)) == [20 + 63, 20 + 63]
+
+
+def test_beam_search():
+    model = tiny_model("llama")
+    never = twin(model)
+    ids = prompt(50, seed=7)
+    kwargs = dict(num_beams=3, num_return_sequences=2, new=8)
+    reference = generate(never, ids, **kwargs)
+    with cspkv.patched(model, budget=1.0, min_prompt=8):
+        assert torch.equal(generate(model, ids, **kwargs).sequences, reference.sequences)
+    ids2, mask2 = left_pad([prompt(50, seed=7)[0], prompt(33, seed=8)[0]])
+    with cspkv.patched(model, budget=0.4, min_prompt=8):
+        out = generate(model, ids2, mask2, **kwargs)
+    assert out.sequences.shape == (4, ids2.shape[1] + 8)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.3])
+def test_multi_turn_continues_the_returned_cache(budget):
+    """A second generate() continues the returned cache with a follow-up question."""
+    model = tiny_model("llama")
+    never = twin(model)
+    first_ids = prompt(80, seed=9)
+    follow_up = prompt(15, seed=10)
+
+    def two_turns(m):
+        first = generate(m, first_ids, new=10)
+        cache = returned_cache(first)
+        ids = torch.cat([first.sequences, follow_up], dim=1)
+        second = generate(m, ids, new=10, **{CACHE_KW: cache})
+        return first, second, returned_cache(second)
+
+    reference = two_turns(never)
+    with cspkv.patched(model, budget=budget, min_prompt=8):
+        first, second, cache = two_turns(model)
+    assert isinstance(cache.layers[0], PrunedLayer)
+    total = 80 + 10 + 15 + 10 - 1
+    assert cache.get_seq_length() == total
+    assert cache_layer_lengths(cache)[0] == round(budget * 80) + total - 80
+    if budget == 1.0:
+        assert torch.equal(first.sequences, reference[0].sequences)
+        assert torch.equal(second.sequences, reference[1].sequences)
+    else:
+        assert second.sequences.shape == (1, total + 1)
+
+
+def test_chunked_follow_up_matches_manual_decode():
+    """A multi-token chunk on a pruned cache attends causally among itself and fully to the kept past."""
+    model = tiny_model("qwen2")
+    ids = prompt(70, seed=11)
+    chunk = prompt(6, seed=12)
+    with torch.no_grad(), cspkv.patched(model, budget=0.3, min_prompt=8):
+        cache_a = returned_cache(model(ids, use_cache=True))
+        as_chunk = model(chunk, **{CACHE_KW: cache_a}, use_cache=True).logits
+        cache_b = returned_cache(model(ids, use_cache=True))
+        one_by_one = torch.cat([model(chunk[:, i:i + 1], **{CACHE_KW: cache_b}, use_cache=True).logits for i in range(6)], dim=1)
+    torch.testing.assert_close(as_chunk, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+def test_subset_of_layers():
+    model = tiny_model("llama", layers=3)
+    never = twin(model)
+    ids = prompt(60, seed=13)
+    with cspkv.patched(model, budget=1.0, min_prompt=8, layers=[1]) as handle:
+        out = generate(model, ids, new=8)
+        assert set(handle.layers) == {1} and handle.skipped == {0: "not in CSPConfig.layers", 2: "not in CSPConfig.layers"}
+    assert torch.equal(out.sequences, generate(never, ids, new=8).sequences)
+    with cspkv.patched(model, budget=0.25, min_prompt=8, layers=[0, 2]):
+        cache = returned_cache(generate(model, ids, new=8))
+    assert [type(layer) for layer in cache.layers] == [PrunedLayer, DynamicLayer, PrunedLayer]
+    assert cache_layer_lengths(cache) == [15 + 7, 60 + 7, 15 + 7]
+    assert cache.get_seq_length() == 67
+
+
+def test_sliding_window_layers_are_skipped():
+    model = tiny_model("qwen2", layers=2, layer_types=["full_attention", "sliding_attention"], sliding_window=16, use_sliding_window=True)
+    never = twin(model)
+    ids = prompt(60, seed=14)
+    with cspkv.patched(model, budget=1.0, min_prompt=8) as handle:
+        assert set(handle.layers) == {0} and "sliding" in handle.skipped[1]
+        out = generate(model, ids, new=8)
+    assert torch.equal(out.sequences, generate(never, ids, new=8).sequences)
+    with cspkv.patched(model, budget=0.25, min_prompt=8):
+        cache = returned_cache(generate(model, ids, new=8))
+    assert isinstance(cache.layers[0], PrunedLayer) and not isinstance(cache.layers[1], PrunedLayer)
+
+
+def test_all_sliding_model_warns_that_nothing_is_pruned():
+    model = tiny_model("mistral", sliding_window=32)
+    with pytest.warns(UserWarning, match="no layer"):
+        handle = cspkv.patch(model)
+    assert handle.layers == {} and all("sliding" in r for r in handle.skipped.values())
+    handle.remove()
+
+
+def test_explicit_modalities_change_the_selection():
+    model = tiny_model("llama")
+    L = 80
+    ids = prompt(L, seed=15)
+    segments = torch.zeros(1, L, dtype=torch.long)
+    segments[:, 20:50] = 1
+    with torch.no_grad(), cspkv.patched(model, budget=0.3, cross_ratio=0.9, min_prompt=8) as handle:
+        default = returned_cache(model(ids, use_cache=True))
+        with cspkv.modalities(model, segments):
+            explicit = returned_cache(model(ids, use_cache=True))
+        stats = handle.stats()
+    assert cache_layer_lengths(explicit) == cache_layer_lengths(default) == [24, 24]
+    assert any(not torch.equal(a.keys, b.keys) for a, b in zip(default.layers, explicit.layers))
+    assert stats["layers"][0]["kept"] == 24
+
+
+def test_modalities_for_generate_with_padding():
+    model = tiny_model("llama")
+    prompts = [prompt(50, seed=16)[0], prompt(30, seed=17)[0]]
+    ids, mask = left_pad(prompts)
+    mods = torch.ones_like(ids)  # values at padding are ignored (forced to -1)
+    mods[:, -10:] = 0
+    with cspkv.patched(model, budget=0.3, min_prompt=8, cross_ratio="auto"):
+        with cspkv.modalities(model, mods):
+            out = generate(model, ids, mask, new=6)
+    assert out.sequences.shape == (2, 56)
+
+
+def test_accelerate_dispatch_prunes_each_layer_on_its_device():
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("llama", layers=3)
+    never = twin(model)
+    ids = prompt(60, seed=18)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(3)})
+    model = accelerate.dispatch_model(model, device_map=device_map, force_hooks=True)
+    assert hasattr(model.model.layers[1], "_hf_hook")
+    # An accelerate hook on an attention module itself: cspkv wraps its instance forward and gives it back.
+    attn = model.model.layers[1].self_attn
+    accelerate.hooks.add_hook_to_module(attn, accelerate.hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    hooked_forward = attn.__dict__["forward"]
+    reference = generate(never, ids, new=8)
+    with cspkv.patched(model, budget=1.0, min_prompt=8):
+        assert torch.equal(generate(model, ids, new=8).sequences, reference.sequences)
+    with cspkv.patched(model, budget=0.3, min_prompt=8) as handle:
+        out = generate(model, ids, new=8)
+        stats = handle.stats()
+    assert [stats["layers"][i]["device"] for i in range(3)] == ["cpu"] * 3
+    assert cache_layer_lengths(returned_cache(out)) == [18 + 7] * 3
+    assert attn.__dict__.get("forward") is hooked_forward  # accelerate's own wrapper (if any) is back
+    assert torch.equal(generate(model, ids, new=8).sequences, reference.sequences)
+
+
+def test_stats_api():
+    model = tiny_model("phi3")
+    ids = prompt(100, seed=19)
+    handle = cspkv.patch(model, budget=0.2, min_prompt=8)
+    with torch.no_grad():
+        model(ids, use_cache=True)
+    stats = cspkv.stats(model)
+    assert stats["layers"] == handle.stats()["layers"]
+    assert stats["pruned_layers"] == 2
+    assert stats["kv_bytes_after"] * 5 == stats["kv_bytes_before"]
+    for layer in stats["layers"].values():
+        assert layer["prompt_len"] == 100 and layer["kept"] == 20 and layer["prune_ms"] >= 0
+    handle.remove()
+    with pytest.raises(ValueError, match="not patched"):
+        cspkv.stats(model)
+
+
+def test_unpruned_layers_after_reset_prune_again():
+    model = tiny_model("llama")
+    ids = prompt(60, seed=20)
+    with torch.no_grad(), cspkv.patched(model, budget=0.5, min_prompt=8):
+        cache = returned_cache(model(ids, use_cache=True))
+        assert cache_layer_lengths(cache) == [30, 30]
+        cache.reset()
+        model(ids[:, :40], **{CACHE_KW: cache}, use_cache=True)
+        assert cache_layer_lengths(cache) == [20, 20] and cache.get_seq_length() == 40
