@@ -1,0 +1,162 @@
+"""Budget arithmetic and per-row selection (cspkv.policy), and the pruned
+cache layer's bookkeeping (cspkv.cache.PrunedLayer), without a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from cspkv import ops, policy
+from cspkv.cache import Liveness, PrunedLayer, _CROP_TAKES_REMOVAL, check_cache, compact
+from cspkv.config import CSPConfig
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_token_count_rounds_half_up_and_clamps():
+    assert policy.token_count(0.2, 100) == 20
+    assert policy.token_count(0.25, 10) == 3  # 2.5 -> 3
+    assert policy.token_count(0.1, 4) == 0
+    assert policy.token_count(50, 20) == 20
+    assert policy.token_count(1.0, 37) == 37
+
+
+def test_plan_row():
+    text = torch.zeros(100, dtype=torch.long)
+    plan = policy.plan_row(CSPConfig(), text)
+    assert plan == policy.RowPlan(length=100, budget=20, window=10, recent=10, cross_ratio=0.0, pruned=True)
+    mixed = torch.cat([torch.full((10,), -1), torch.zeros(30), torch.ones(60)]).long()
+    plan = policy.plan_row(CSPConfig(budget=0.5, window=0.2, recent=4, cross_ratio=0.9, min_prompt=8), mixed)
+    assert (plan.length, plan.budget, plan.window, plan.recent, plan.cross_ratio) == (90, 45, 18, 4, 0.9)
+    # window of 18 image (1) queries vs 30 text keys: auto = 18 * 30 / (18 * 90)
+    auto = policy.plan_row(CSPConfig(cross_ratio="auto", min_prompt=8), mixed)
+    assert auto.cross_ratio == pytest.approx(30 / 90)
+    assert policy.plan_row(CSPConfig(budget=5, window=12), text).recent == 5  # recent capped at the budget
+    short = policy.plan_row(CSPConfig(min_prompt=200), text)
+    assert not short.pruned and short.budget == 100 and short.window == 0
+    assert policy.plan_row(CSPConfig(), torch.full((5,), -1)).length == 0
+
+
+def test_auto_cross_ratio_formula():
+    # two modalities: (Wt * Li + Wi * Lt) / (W * L)
+    window = torch.tensor([0, 0, 1])
+    keys = torch.tensor([0] * 6 + [1] * 4)
+    assert policy.auto_cross_ratio(window, keys) == pytest.approx((2 * 4 + 1 * 6) / (3 * 10))
+
+
+def test_window_query_ids_mark_foreign_queries():
+    k_mod = torch.tensor([[-1, -1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1]])
+    plans = [policy.RowPlan(4, 2, 1, 1, 0.0, True), policy.RowPlan(6, 3, 3, 1, 0.5, True)]
+    assert policy.window_query_ids(k_mod, plans).tolist() == [[-1, -1, 0], [1, 1, 1]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=4),
+    budget=st.floats(min_value=0.05, max_value=1.0),
+    ratio=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_selection_equals_each_row_alone(lengths, budget, ratio, seed):
+    """select() on a left-padded batch keeps, per row, the tokens the row keeps alone."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, Hkv = len(lengths), max(lengths), 2
+    k_mod = torch.full((B, L), -1, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        k_mod[b, L - n:] = torch.randint(0, 2, (n,), generator=g)
+    self_s = torch.rand(B, Hkv, L, generator=g)
+    cross_s = torch.rand(B, Hkv, L, generator=g)
+    config = CSPConfig(budget=budget, cross_ratio=ratio, min_prompt=1)
+    plans = policy.plan_batch(config, k_mod)
+    keep_idx, keep_valid = policy.select(self_s, cross_s, k_mod, plans)
+    assert keep_idx.shape == (B, Hkv, max(p.budget for p in plans))
+    assert bool((keep_idx[..., 1:] > keep_idx[..., :-1]).all())
+    for b, n in enumerate(lengths):
+        pad = L - n
+        plan = policy.plan_row(config, k_mod[b, pad:])
+        alone_idx, alone_valid = ops.select_keep(
+            self_s[b:b + 1, :, pad:], cross_s[b:b + 1, :, pad:], k_mod[b:b + 1, pad:],
+            budget=plan.budget, recent=plan.recent, cross_ratio=plan.cross_ratio,
+        )
+        for h in range(Hkv):
+            in_batch = keep_idx[b, h][keep_valid[b, h]] - pad
+            assert in_batch.tolist() == alone_idx[0, h][alone_valid[0, h]].tolist()
+
+
+# --------------------------------------------------------------------------- PrunedLayer
+
+
+def _layer(B=2, Hkv=2, C=5, D=4, L=12):
+    keys = torch.randn(B, Hkv, C, D)
+    valid = torch.ones(B, Hkv, C, dtype=torch.bool)
+    valid[1, :, 0] = False
+    return PrunedLayer(keys, keys.clone(), valid, L, Liveness())
+
+
+def test_pruned_layer_reports_logical_sizes():
+    layer = _layer()
+    assert layer.get_seq_length() == 12
+    assert layer.get_mask_sizes(1) == (13, 0)
+    assert layer.get_mask_sizes(torch.arange(12, 15)) == (15, 0)
+    keys, values = layer.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    assert keys.shape[-2] == 8 and layer.get_seq_length() == 15
+    assert layer.kv_valid.shape == (2, 2, 8) and bool(layer.kv_valid[..., 5:].all())
+    assert not bool(layer.kv_valid[1, :, 0].any())
+
+
+def test_pruned_layer_batch_ops_move_kv_valid_too():
+    layer = _layer()
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert not bool(layer.kv_valid[0, :, 0].any()) and bool(layer.kv_valid[1].all())
+    layer.batch_repeat_interleave(2)
+    assert layer.keys.shape[0] == 4 and layer.kv_valid.shape[0] == 4
+    layer.batch_select_indices(torch.tensor([0, 3]))
+    assert layer.kv_valid.shape[0] == 2 and bool(layer.kv_valid[1].all())
+
+
+def test_pruned_layer_crop_only_removes_appended_tokens():
+    layer = _layer()
+    layer.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    layer.crop(-2 if _CROP_TAKES_REMOVAL else 13)
+    assert layer.keys.shape[-2] == 6 and layer.get_seq_length() == 13 and layer.kv_valid.shape[-1] == 6
+    with pytest.raises(NotImplementedError, match="pruned cache"):
+        layer.crop(-3)
+
+
+def test_pruned_layer_reset_and_liveness():
+    layer = _layer()
+    layer.reset()
+    assert layer.get_seq_length() == 0 and not layer.is_pruned
+    layer.update(torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4))
+    assert layer.get_seq_length() == 4 and layer.kv_valid is None
+    layer._liveness.active = False
+    with pytest.raises(RuntimeError, match="unpatched"):
+        layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+
+
+def test_compact_zeroes_dead_slots():
+    keys = torch.randn(1, 1, 4, 2)
+    keys[0, 0, 0] = float("nan")
+    idx = torch.tensor([[[0, 2]]])
+    valid = torch.tensor([[[False, True]]])
+    k, v = compact(keys, keys.clone(), idx, valid)
+    assert torch.equal(k[0, 0, 0], torch.zeros(2)) and torch.equal(k[0, 0, 1], keys[0, 0, 2])
+
+
+def test_check_cache():
+    check_cache(None)
+    check_cache(DynamicCache())
+    with pytest.raises(TypeError, match="unsupported cache type dict"):
+        check_cache({})
+
+    class Odd(DynamicLayer):
+        pass
+
+    cache = DynamicCache()
+    cache.layers.append(Odd())
+    with pytest.raises(TypeError, match="unsupported cache layer Odd at index 0"):
+        check_cache(cache)
