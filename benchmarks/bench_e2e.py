@@ -19,6 +19,7 @@ target holds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -53,7 +54,7 @@ def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: t
                 torch.cuda.reset_peak_memory_stats(device)
             sync()
             start = time.perf_counter()
-            with torch.inference_mode(), (cspkv.modalities(model, segment_ids) if handle else _Null()):
+            with torch.inference_mode(), (cspkv.modalities(model, segment_ids) if handle else contextlib.nullcontext()):
                 logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
                 token = logits.argmax(-1, keepdim=True)
                 sync()
@@ -74,14 +75,6 @@ def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: t
     finally:
         if handle:
             handle.remove()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cpu_one(prompt_tokens: int, budget, decode_tokens: int) -> dict:

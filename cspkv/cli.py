@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -96,7 +97,7 @@ def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None) -> d
     kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=model.generation_config.eos_token_id)
 
     def run(n):
-        context = cspkv.modalities(model, segment_ids) if segment_ids is not None and cspkv.is_patched(model) else _null()
+        context = cspkv.modalities(model, segment_ids) if segment_ids is not None else contextlib.nullcontext()
         with context, torch.inference_mode():
             start = time.perf_counter()
             out = model.generate(input_ids, max_new_tokens=n, return_dict_in_generate=True, **kwargs)
@@ -111,14 +112,6 @@ def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None) -> d
         "decode_ms_per_token": 1000 * (total - first) / max(new - 1, 1),
         "kv_bytes": kv_nbytes(out.past_key_values),
     }
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------- demo
@@ -138,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with cspkv.patched(model, budget=args.budget, cross_ratio=args.cross_ratio) as handle:
         pruned = timed_generate(model, case.input_ids, args.max_new_tokens, case.segment_ids)
         stats = handle.stats()
-    kept = stats[0]["kept"] if stats else L
+    kept = max((s["kept"] for s in stats["layers"].values() if s.get("pruned")), default=L)
 
     rows = []
     for name, result in (("full cache", full), (f"CSP, budget {args.budget}", pruned)):
@@ -183,7 +176,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = timed_generate(model, input_ids, args.max_new_tokens)
         stats = handle.stats()
     print(tokenizer.decode(result["tokens"], skip_special_tokens=True))
-    print(f"\n[{input_ids.shape[1]} prompt tokens, kept {stats[0]['kept'] if stats else 'all'}, "
+    kept = max((s["kept"] for s in stats["layers"].values() if s.get("pruned")), default="all")
+    print(f"\n[{input_ids.shape[1]} prompt tokens, kept {kept}, "
           f"KV {result['kv_bytes'] / 2**20:.2f} MiB, prefill {result['prefill_s'] * 1000:.0f} ms, "
           f"decode {result['decode_ms_per_token']:.1f} ms/token]", file=sys.stderr)
     return 0
