@@ -218,3 +218,7 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 # Family modules register themselves on import; one line per family.
 from . import llama  # noqa: E402,F401
+from . import llava  # noqa: E402,F401
+from . import qwen2_vl  # noqa: E402,F401
+from . import gemma3  # noqa: E402,F401
+from . import idefics3  # noqa: E402,F401
