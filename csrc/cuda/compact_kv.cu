@@ -1,0 +1,119 @@
+// CUDA binding of cspkv::compact_kv: checks, word size choice per tensor,
+// device guard, launches (kernel in compact_kv.cuh), then the keep_idx value
+// check the kernel recorded. Dtype-agnostic: a copy moves bytes.
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "compact_kv.cuh"
+#include "launch.h"
+#include "nvtx.h"
+
+namespace cspkv {
+namespace cuda {
+namespace {
+
+// Largest word (16, 8, 4 bytes, else one element) such that every source row
+// starts on a word boundary and spans whole words; 0 when the last dim is
+// strided (then words are single elements at stride(3)).
+int64_t word_bytes(const at::Tensor& t) {
+  const int64_t elem = t.element_size();
+  if (t.stride(3) != 1) return 0;
+  const auto address = reinterpret_cast<std::uintptr_t>(t.data_ptr());
+  for (const int64_t word : {int64_t{16}, int64_t{8}, int64_t{4}}) {
+    if (word <= elem) break;
+    bool ok = (t.size(3) * elem) % word == 0 && address % word == 0;
+    for (int d = 0; d < 3; ++d) ok = ok && (t.stride(d) * elem) % word == 0;
+    if (ok) return word;
+  }
+  return elem;
+}
+
+template <typename VecT>
+void launch_compact(const at::Tensor& src, int64_t word, const at::Tensor& keep_idx, at::Tensor& dst, at::Tensor& error_flag,
+                    cudaStream_t stream) {
+  const int64_t elem = src.element_size();
+  const int64_t B = src.size(0), Hkv = src.size(1), L = src.size(2), K = keep_idx.size(2);
+  // word == 0: strided last dim, one element per word; strides are then in elements.
+  const int64_t per_word = word == 0 ? 1 : word / elem;
+  const int64_t s_v = word == 0 ? src.stride(3) : 1;
+  const int nvec = static_cast<int>(src.size(3) / per_word);
+  int tx = 1;
+  while (tx < nvec && tx < 32) tx *= 2;
+  const int ty = compact::kThreads / tx;
+  const int64_t row_chunks = min_of<int64_t>(ceil_div<int64_t>(K, ty), 65535);
+  const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_chunks));
+  const dim3 block(tx, ty);
+  compact_rows_kernel<VecT><<<grid, block, 0, stream>>>(
+      reinterpret_cast<const VecT*>(src.data_ptr()), src.stride(0) / per_word, src.stride(1) / per_word,
+      src.stride(2) / per_word, s_v, keep_idx.data_ptr<int64_t>(), reinterpret_cast<VecT*>(dst.data_ptr()),
+      static_cast<int>(Hkv), L, K, nvec, error_flag.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void compact_one(const at::Tensor& src, const at::Tensor& keep_idx, at::Tensor& dst, at::Tensor& error_flag,
+                 cudaStream_t stream) {
+  const int64_t word = word_bytes(src);
+  switch (word == 0 ? src.element_size() : word) {
+    case 16:
+      launch_compact<uint4>(src, word, keep_idx, dst, error_flag, stream);
+      break;
+    case 8:
+      launch_compact<uint2>(src, word, keep_idx, dst, error_flag, stream);
+      break;
+    case 4:
+      launch_compact<uint32_t>(src, word, keep_idx, dst, error_flag, stream);
+      break;
+    case 2:
+      launch_compact<uint16_t>(src, word, keep_idx, dst, error_flag, stream);
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "cspkv.compact_kv: unexpected word size ", word);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_kv_cuda(const at::Tensor& keys, const at::Tensor& values,
+                                                   const at::Tensor& keep_idx) {
+  check_compact_kv(keys, values, keep_idx);
+  const int64_t B = keys.size(0), Hkv = keys.size(1), L = keys.size(2), K = keep_idx.size(2);
+  TORCH_CHECK_VALUE(B * Hkv <= std::numeric_limits<int32_t>::max(), "cspkv.compact_kv: B*Hkv=", B * Hkv,
+                    " is too large for the CUDA kernel");
+
+  c10::cuda::OptionalCUDAGuard guard(keys.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor idx = keep_idx.contiguous();
+  at::Tensor keys_out = at::empty({B, Hkv, K, keys.size(3)}, keys.options());
+  at::Tensor values_out = at::empty({B, Hkv, K, values.size(3)}, values.options());
+  at::Tensor error_flag = at::zeros({1}, keys.options().dtype(at::kInt));
+  {
+    NvtxRange range("cspkv::compact_kv");
+    compact_one(keys, idx, keys_out, error_flag, stream);
+    compact_one(values, idx, values_out, error_flag, stream);
+  }
+  // Reading the flag waits for the copies: the price of reporting bad
+  // indices as a Python exception with the CPU path's messages.
+  const int error = error_flag.item<int>();
+  if (error & compact::kErrorRange) {
+    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK_INDEX(false, "cspkv.compact_kv: keep_idx values must lie in [0, L=", L, "), got values in [", lo,
+                      ", ", hi, "]");
+  }
+  TORCH_CHECK_VALUE(!(error & compact::kErrorOrder),
+                    "cspkv.compact_kv: keep_idx must be strictly ascending along K (sorted, no duplicates)");
+  return {keys_out, values_out};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace cspkv
+
+TORCH_LIBRARY_IMPL(cspkv, CUDA, m) {
+  m.impl("compact_kv", &cspkv::cuda::compact_kv_cuda);
+}

@@ -1,0 +1,134 @@
+// CUDA binding of cspkv::nsoftmax_attention: checks, split choice, device
+// guard, dtype and head-dim dispatch, launches (kernels in
+// nsoftmax_attention.cuh).
+#include <cmath>
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "dispatch.h"
+#include "launch.h"
+#include "nsoftmax_attention.cuh"
+#include "nvtx.h"
+
+namespace cspkv {
+namespace cuda {
+namespace {
+
+template <typename scalar_t, int kDvChunks>
+void launch_attention(const AttentionParams<scalar_t>& p, int64_t row_tiles, int64_t nsplit, int64_t keys_per_split,
+                      int64_t bh_count, const at::Tensor& part_stats, const at::Tensor& part_acc, at::Tensor& out,
+                      cudaStream_t stream) {
+  const size_t smem = attention::shared_memory_bytes(p.padded_d, p.Dv);
+  set_dynamic_shared_memory(attention_split_kernel<scalar_t, kDvChunks>, smem, "nsoftmax_attention");
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(nsplit), static_cast<unsigned>(bh_count));
+  float2* stats = nsplit > 1 ? reinterpret_cast<float2*>(part_stats.data_ptr<float>()) : nullptr;
+  float* acc = nsplit > 1 ? part_acc.data_ptr<float>() : nullptr;
+  attention_split_kernel<scalar_t, kDvChunks><<<grid, attention::kThreads, smem, stream>>>(
+      p, static_cast<int>(keys_per_split), static_cast<int>(nsplit), stats, acc, out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (nsplit > 1) {
+    const int64_t rows = bh_count * p.G * p.Q;
+    attention_combine_kernel<scalar_t><<<static_cast<unsigned>(rows), attention::kCombineThreads, 0, stream>>>(
+        stats, acc, static_cast<int>(nsplit), p.Dv, p.use_n, p.log_n, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor nsoftmax_attention_cuda(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values,
+                                   double scale, double n, const c10::optional<at::Tensor>& kv_valid) {
+  check_nsoftmax_attention(q_in, keys, values, scale, n, kv_valid);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = keys.size(1), Lc = keys.size(2), Dv = values.size(3);
+  const int64_t G = H / Hkv;
+  TORCH_CHECK_VALUE(D <= kMaxHeadDim && Dv <= kMaxHeadDim, "cspkv.nsoftmax_attention: head dims D=", D, ", Dv=", Dv,
+                    " must be <= ", kMaxHeadDim, " for the CUDA kernel");
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(Lc + attention::kTileKeys <= kIntMax && G * Q <= kIntMax && B * Hkv <= 65535,
+                    "cspkv.nsoftmax_attention: sizes too large for the CUDA kernel: need Lc < 2^31, G*Q < 2^31 "
+                    "and B*Hkv <= 65535, got Lc=", Lc, ", G*Q=", G * Q, ", B*Hkv=", B * Hkv);
+
+  c10::cuda::OptionalCUDAGuard guard(q_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor q = with_contiguous_rows(q_in);
+  const at::Tensor k = with_contiguous_rows(keys);
+  const at::Tensor v = with_contiguous_rows(values);
+  at::Tensor out = at::empty({B, H, Q, Dv}, q.options());
+
+  // Split the cache so that about two blocks per SM run; splits are whole key tiles.
+  const int64_t rows = G * Q;
+  const int64_t row_tiles = ceil_div<int64_t>(rows, attention::kTileRows);
+  const int64_t key_tiles = ceil_div<int64_t>(Lc, attention::kTileKeys);
+  int64_t nsplit = ceil_div<int64_t>(2 * sm_count(), row_tiles * B * Hkv);
+  nsplit = max_of<int64_t>(1, min_of<int64_t>(nsplit, min_of<int64_t>(key_tiles, attention::kMaxSplits)));
+  const int64_t keys_per_split = ceil_div<int64_t>(key_tiles, nsplit) * attention::kTileKeys;
+  nsplit = ceil_div<int64_t>(Lc, keys_per_split);  // no empty split
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor part_stats, part_acc;
+  if (nsplit > 1) {
+    part_stats = at::empty({B * Hkv * rows, nsplit, 2}, f32);
+    part_acc = at::empty({B * Hkv * rows, nsplit, Dv}, f32);
+  }
+
+  const at::Tensor valid = kv_valid.has_value() ? *kv_valid : at::Tensor();
+  const bool use_n = n > 0;
+  const float log_n = use_n ? static_cast<float>(std::log(n)) : 0.f;
+
+  NvtxRange range("cspkv::nsoftmax_attention");
+  CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cspkv.nsoftmax_attention", [&] {
+    AttentionParams<scalar_t> p;
+    p.q = q.data_ptr<scalar_t>();
+    p.keys = k.data_ptr<scalar_t>();
+    p.values = v.data_ptr<scalar_t>();
+    p.kv_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+    p.q_stride_b = q.stride(0);
+    p.q_stride_h = q.stride(1);
+    p.q_stride_q = q.stride(2);
+    p.k_stride_b = k.stride(0);
+    p.k_stride_h = k.stride(1);
+    p.k_stride_l = k.stride(2);
+    p.v_stride_b = v.stride(0);
+    p.v_stride_h = v.stride(1);
+    p.v_stride_l = v.stride(2);
+    const bool per_head = valid.defined() && valid.dim() == 3;
+    p.valid_stride_b = valid.defined() ? valid.stride(0) : 0;
+    p.valid_stride_h = per_head ? valid.stride(1) : 0;
+    p.valid_stride_l = valid.defined() ? valid.stride(valid.dim() - 1) : 0;
+    p.Hkv = static_cast<int>(Hkv);
+    p.G = static_cast<int>(G);
+    p.Q = static_cast<int>(Q);
+    p.Lc = static_cast<int>(Lc);
+    p.D = static_cast<int>(D);
+    p.Dv = static_cast<int>(Dv);
+    p.padded_d = padded_head_dim(static_cast<int>(D));
+    p.q_vec16 = rows_16b_aligned(q);
+    p.k_vec16 = rows_16b_aligned(k);
+    p.v_vec16 = rows_16b_aligned(v);
+    p.scale = static_cast<float>(scale);
+    p.use_n = use_n;
+    p.log_n = log_n;
+    // The accumulator of a row is spread over kLanesPerRow threads: Dv / 16 registers each.
+    if (Dv <= 64) {
+      launch_attention<scalar_t, 4>(p, row_tiles, nsplit, keys_per_split, B * Hkv, part_stats, part_acc, out, stream);
+    } else if (Dv <= 128) {
+      launch_attention<scalar_t, 8>(p, row_tiles, nsplit, keys_per_split, B * Hkv, part_stats, part_acc, out, stream);
+    } else {
+      launch_attention<scalar_t, 16>(p, row_tiles, nsplit, keys_per_split, B * Hkv, part_stats, part_acc, out, stream);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace cspkv
+
+TORCH_LIBRARY_IMPL(cspkv, CUDA, m) {
+  m.impl("nsoftmax_attention", &cspkv::cuda::nsoftmax_attention_cuda);
+}
