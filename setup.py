@@ -111,7 +111,7 @@ def extensions():
     debug = os.environ.get("CSPKV_DEBUG", "0") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp-simd", f'-DCSPKV_TORCH_VERSION="{torch.__version__}"']
+    cxx += ["-std=c++20", "-fopenmp-simd", f'-DCSPKV_TORCH_VERSION="{torch.__version__}"']
     if not with_cuda:
         return [CppExtension("cspkv._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx})]
 
@@ -120,7 +120,7 @@ def extensions():
     log(f"building CUDA kernels with {cuda_home} (CUDA {torch.version.cuda}) for archs {archs}")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     defines = ["-DCSPKV_WITH_CUDA", f'-DCSPKV_CUDA_ARCHS="{archs}"', f'-DCSPKV_CUDA_VERSION="{torch.version.cuda}"']
-    nvcc = ["-O3", "-lineinfo", "-std=c++17", "--expt-relaxed-constexpr", *defines]
+    nvcc = ["-O3", "-lineinfo", "-std=c++20", "--expt-relaxed-constexpr", *defines]
     if debug:
         nvcc += ["-G"]
     return [
