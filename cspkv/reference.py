@@ -91,10 +91,14 @@ def window_scores(
 
 
 def _ranked(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """Indices of eligible entries, best score first, lower index first on ties."""
+    """Indices of eligible entries, best score first, lower index first on ties, NaN last."""
     idx = eligible.nonzero().squeeze(1)
+    values = scores[idx]
+    nan = torch.isnan(values)
     # "+ 0.0" folds -0.0 into +0.0 so that the two compare equal in every backend.
-    order = torch.sort(scores[idx] + 0.0, descending=True, stable=True).indices
+    order = torch.sort(values.masked_fill(nan, float("-inf")) + 0.0, descending=True, stable=True).indices
+    # NaN ranks below every number (-inf included); stable, so ties keep index order.
+    order = order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
     return idx[order]
 
 
@@ -129,7 +133,8 @@ def select_keep(
     score; then the `k_self` remaining candidates with the highest self score.
     Picking self from what cross left means a token wanted by both rankings is
     stored once and its second slot goes to the next best, so exactly `budget`
-    distinct real tokens are kept. Ties go to the lower index.
+    distinct real tokens are kept. Ties go to the lower index; a NaN score
+    ranks below every number.
 
     A row with at most `budget` real tokens keeps all of them and fills the
     remaining slots with its padding positions, lowest first, marked False in
