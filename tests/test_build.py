@@ -1,0 +1,106 @@
+"""What was built: build info, the registered ops, and the fallback when cspkv._C is missing."""
+
+from __future__ import annotations
+
+import importlib.abc
+import inspect
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import cspkv
+import cspkv.ops
+from cspkv import reference
+
+from conftest import OP_NAMES as OPS
+
+
+def test_build_info(extension):
+    info = cspkv.ops.build_info()
+    assert set(info) == {"with_cuda", "cuda_archs", "cuda_version", "torch_version"}
+    assert isinstance(info["with_cuda"], bool)
+    assert info["torch_version"] == torch.__version__, "the extension must be built against the torch that runs it"
+    if info["with_cuda"]:
+        assert info["cuda_archs"] and info["cuda_version"] == torch.version.cuda, info
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_op_is_registered_with_the_reference_signature(name, extension):
+    """torch.ops.cspkv.<name> exists, has a CPU kernel, and takes the reference's arguments."""
+    assert hasattr(torch.ops.cspkv, name)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cspkv::{name}", "CPU")
+    if cspkv.ops.build_info()["with_cuda"]:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cspkv::{name}", "CUDA")
+    schema = getattr(torch.ops.cspkv, name).default._schema
+    params = inspect.signature(getattr(reference, name)).parameters.values()
+    assert [a.name for a in schema.arguments] == [p.name for p in params]
+    assert [a.kwarg_only for a in schema.arguments] == [p.kind is inspect.Parameter.KEYWORD_ONLY for p in params]
+    for a, p in zip(schema.arguments, params):
+        if p.default is not inspect.Parameter.empty:
+            assert a.default_value == p.default, (a.name, a.default_value, p.default)
+
+
+def test_cpu_tensors_use_the_kernels(extension):
+    assert cspkv.ops.backend("cpu") == "kernel"
+
+
+def test_info_command_reports_the_build(extension):
+    run = subprocess.run([sys.executable, "-m", "cspkv", "info"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"built against torch {torch.__version__}" in run.stdout, run.stdout
+    for name in OPS:
+        assert f"cspkv::{name}" in run.stdout, run.stdout
+
+
+# ----------------------------------------------------------- the fallback
+class _BrokenExtension(importlib.abc.MetaPathFinder):
+    """Makes ``import cspkv._C`` fail the way a stale or ABI-mismatched build does."""
+
+    CAUSE = "_C.so: undefined symbol: _ZN5cspkv13stale_symbolEv"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "cspkv._C":
+            raise ImportError(self.CAUSE)
+        return None
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """cspkv.ops as if the extension had never been loaded (restored afterwards)."""
+    monkeypatch.setattr(cspkv.ops, "_state", {"loaded": False, "ext": None, "error": None, "warned": set()})
+    return monkeypatch
+
+
+def test_fallback_warns_once_naming_the_cause(fresh_state):
+    fresh_state.delitem(sys.modules, "cspkv._C", raising=False)
+    fresh_state.delattr(cspkv, "_C", raising=False)
+    fresh_state.setattr(sys, "meta_path", [_BrokenExtension(), *sys.meta_path])
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    keep_idx = torch.tensor([[[0, 3], [1, 4]]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [cspkv.ops.compact_kv(keys, values, keep_idx) for _ in range(3)]
+        cspkv.ops.nsoftmax_attention(torch.randn(1, 2, 1, 4, generator=g), keys, values, scale=0.5)
+    ours = [w for w in caught if "cspkv" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    assert ours[0].category is RuntimeWarning
+    assert _BrokenExtension.CAUSE in str(ours[0].message) and "reference" in str(ours[0].message)
+    assert cspkv.ops.extension() is None and _BrokenExtension.CAUSE in cspkv.ops.extension_error()
+    assert cspkv.ops.build_info() == {}
+    want = reference.compact_kv(keys, values, keep_idx)
+    assert all(torch.equal(o[0], want[0]) and torch.equal(o[1], want[1]) for o in outs)
+
+
+def test_cpu_only_build_warns_once_for_cuda_tensors(fresh_state):
+    cpu_only = types.SimpleNamespace(build_info=lambda: {"with_cuda": False, "cuda_archs": "", "cuda_version": "", "torch_version": torch.__version__})
+    cspkv.ops._state.update(loaded=True, ext=cpu_only)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [cspkv.ops.backend("cuda") for _ in range(3)] == ["reference"] * 3
+        assert cspkv.ops.backend("cpu") == "kernel"
+    assert len(caught) == 1 and "without CUDA kernels" in str(caught[0].message), [str(w.message) for w in caught]
