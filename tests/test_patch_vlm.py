@@ -164,6 +164,9 @@ def test_only_the_language_model_is_patched(name):
     assert [idx for idx, _ in modules] == list(range(text_layers))
     owned = {id(m) for m in decoder.modules()}
     assert all(id(attn) in owned for _, attn in modules)
+    # The bare *Model (no LM head) has its own layout path.
+    bare = model.model
+    assert [attn for _, attn in cspkv.models.adapter_for(bare).attention_modules(bare)] == [attn for _, attn in modules]
     with cspkv.patched(model, budget=0.3) as handle:
         patched = {name for name, m in model.named_modules() if "_cspkv_layer" in m.__dict__}
         assert len(patched) == len(handle.layers) == text_layers - len(FAMILIES[name].skipped)
@@ -253,8 +256,9 @@ def test_qwen_video_tokens_are_modality_two(name, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_gemma3_text_only_model():
-    """Gemma3ForCausalLM (`gemma3_text`): same adapter, sliding layer skipped, global layer pruned."""
+def test_gemma3_text_only_model(monkeypatch):
+    """Gemma3ForCausalLM (`gemma3_text`): same adapter, sliding layer skipped, global layer pruned,
+    scored with the module's query_pre_attn_scalar ** -0.5 scale."""
     config = _gemma3_text()
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -263,6 +267,9 @@ def test_gemma3_text_only_model():
     reference = generate(model, ids, new=8)
     with cspkv.patched(model, budget=1.0, min_prompt=8):
         assert torch.equal(generate(model, ids, new=8).sequences, reference.sequences)
+    scales = []
+    score = cspkv.policy.score
+    monkeypatch.setattr(cspkv.policy, "score", lambda *a, scale, **kw: scales.append(scale) or score(*a, scale=scale, **kw))
     with torch.no_grad(), cspkv.patched(model, budget=0.25, min_prompt=8) as handle:
         assert cspkv.models.adapter_for(model).name == "Gemma 3"
         assert list(handle.skipped) == [0] and list(handle.layers) == [1]
@@ -272,3 +279,4 @@ def test_gemma3_text_only_model():
         model(out.logits[:, -1:].argmax(-1), **{CACHE_KW: cache}, use_cache=True)
         assert [layer.keys.shape[-2] for layer in cache.layers] == [65, 17]
         assert cache.get_seq_length() == 65
+    assert scales == [24 ** -0.5] and model.model.layers[1].self_attn.scaling == 24 ** -0.5

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import transformers
 
-from patch_models import PAD, TF5
+from patch_models import PAD
 
 IMAGE_TOKEN, VIDEO_TOKEN = 500, 501
 START_TOKEN, END_TOKEN, ROW_TOKEN = 502, 503, 504  # vision start/end (Qwen2-VL), boi/eoi (Gemma3), fake token (Idefics3)
