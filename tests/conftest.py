@@ -109,6 +109,24 @@ def random_padding(B: int, L: int, gen: torch.Generator, p: float) -> torch.Tens
     return ids.masked_fill(torch.rand(B, L, generator=gen) < p, -1)
 
 
+def ranking_scores(shape: Sequence[int], gen: torch.Generator, kind: str) -> torch.Tensor:
+    """float32 scores for `select_keep`.
+
+    kind: "continuous" (uniform, no ties); "ties" (values in {0, 0.25, 0.5}, zeros
+    half -0.0: -0.0 and +0.0 must tie); "special" (ties plus NaN, -inf and +inf,
+    each ~5%: NaN ranks below every number).
+    """
+    if kind == "continuous":
+        return torch.rand(shape, generator=gen)
+    s = torch.randint(0, 3, shape, generator=gen).float() * 0.25
+    s = torch.where((s == 0) & (torch.rand(shape, generator=gen) < 0.5), torch.tensor(-0.0), s)
+    if kind == "special":
+        u = torch.rand(shape, generator=gen)
+        s = s.masked_fill(u < 0.05, float("nan")).masked_fill((u >= 0.05) & (u < 0.1), float("-inf"))
+        s = s.masked_fill((u >= 0.1) & (u < 0.15), float("inf"))
+    return s
+
+
 def _fill_value(t: torch.Tensor):
     return float("nan") if t.is_floating_point() else (False if t.dtype == torch.bool else ID_SENTINEL)
 

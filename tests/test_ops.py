@@ -31,6 +31,7 @@ from conftest import (
     oracle,
     place,
     randn,
+    ranking_scores,
     same_precision,
     scores_row_scale,
 )
@@ -146,18 +147,6 @@ def selection_args(case: Case) -> dict:
     return options[(case.seed // 10 + case.seed) % len(options)]  # seed = 10 * heads index + length index
 
 
-def tied_scores(case: Case):
-    """float32 self/cross scores with many ties, -0.0 and +0.0 among them."""
-    gen = generator(case.seed + 1000)
-    shape = (case.B, case.Hkv, case.L)
-    out = []
-    for _ in range(2):
-        s = torch.randint(0, 3, shape, generator=gen).float() * 0.5
-        negative_zero = (s == 0) & (torch.rand(shape, generator=gen) < 0.5)
-        out.append(torch.where(negative_zero, torch.tensor(-0.0), s))
-    return out
-
-
 # ------------------------------------------------------------------ tests
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_window_scores(case, kernels, device):
@@ -175,14 +164,15 @@ def test_window_scores(case, kernels, device):
         assert_matches_oracle(got[i], want[i], None if lowp is None else lowp[i], row_scale=row_scale, what=name)
 
 
-@pytest.mark.parametrize("scores", ["window", "ties"])
+@pytest.mark.parametrize("scores", ["window", "ties", "special"])
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_select_keep(case, scores, kernels, device):
     q_win, keys, q_mod, k_mod = window_inputs(case)
     if scores == "window":
         self_s, cross_s = oracle(ref.window_scores, q_win, keys, q_mod, k_mod, scale=case.D**-0.5, n=case.n)
     else:
-        self_s, cross_s = tied_scores(case)
+        gen = generator(case.seed + 1000)
+        self_s, cross_s = (ranking_scores((case.B, case.Hkv, case.L), gen, scores) for _ in range(2))
     kw = selection_args(case)
     got_idx, got_valid = kernels.select_keep(
         place(self_s, case.layout, device), place(cross_s, case.layout, device), place(k_mod, case.layout, device), **kw
@@ -200,7 +190,8 @@ def _rows_differing(a: torch.Tensor, b: torch.Tensor):
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_compact_kv(case, kernels, device):
     q_win, keys, q_mod, k_mod = window_inputs(case)
-    self_s, cross_s = tied_scores(case)
+    gen = generator(case.seed + 1000)
+    self_s, cross_s = (ranking_scores((case.B, case.Hkv, case.L), gen, "ties") for _ in range(2))
     keep_idx, _ = ref.select_keep(self_s, cross_s, k_mod, **selection_args(case))
     Dv = case.D if case.seed % 2 else case.D // 2 + 3  # values may have their own head dim
     values = randn((case.B, case.Hkv, case.L, Dv), case.dtype, generator(case.seed + 2000))
