@@ -15,6 +15,9 @@ from typing import Optional, Tuple, Union
 
 Size = Union[float, int]
 
+#: Selection policies: CSP and the baselines of `cspkv.baselines`.
+POLICIES = ("csp", "snapkv", "h2o", "streaming", "random")
+
 
 def _fail(field: str, message: str, kind: type = ValueError) -> None:
     raise kind(f"CSPConfig.{field} {message}")
@@ -69,6 +72,18 @@ class CSPConfig:
         Rows with fewer real prompt tokens are not pruned (logged at debug level).
     layers : sequence of int or None, default None (= every prunable layer)
         Decoder layer indices to prune.
+    policy : str, default "csp"
+        Which tokens to keep: ``"csp"`` (Cross-Self Pruning) or a baseline on
+        the same ops and cache machinery (see `cspkv.baselines`): ``"snapkv"``,
+        ``"h2o"``, ``"streaming"``, ``"random"``. Baselines rank all tokens
+        with one score (`cross_ratio` and `n` do not apply to them).
+    pool_kernel : odd int >= 1, default 7
+        ``"snapkv"`` only: width of the 1-D average pooling of the window scores.
+    sinks : int >= 0, default 4
+        ``"streaming"`` only: the first `sinks` real tokens are always kept; the
+        rest of the budget is the recent window.
+    seed : int >= 0, default 0
+        ``"random"`` only: seed of the uniform choice (combined with the layer index).
 
     Example
     -------
@@ -84,6 +99,10 @@ class CSPConfig:
     decode_n: float = 0.0
     min_prompt: int = 32
     layers: Optional[Tuple[int, ...]] = None
+    policy: str = "csp"
+    pool_kernel: int = 7
+    sinks: int = 4
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check_size("budget", self.budget, allow_zero=False)
@@ -114,6 +133,16 @@ class CSPConfig:
             if len(set(layers)) != len(layers):
                 _fail("layers", f"must not repeat a layer, got {layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(layers)))
+        if self.policy not in POLICIES:
+            _fail("policy", f"must be one of {', '.join(map(repr, POLICIES))}, got {self.policy!r}")
+        for field, low in (("pool_kernel", 1), ("sinks", 0), ("seed", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                _fail(field, f"must be an int >= {low}, got {value!r}", TypeError)
+            if value < low:
+                _fail(field, f"must be an int >= {low}, got {value!r}")
+        if self.pool_kernel % 2 == 0:
+            _fail("pool_kernel", f"must be odd (pooling keeps the length), got {self.pool_kernel!r}")
 
     def replace(self, **overrides) -> "CSPConfig":
         """A copy with `overrides` applied (validated again); unknown names raise TypeError."""

@@ -275,7 +275,7 @@ class _LayerPatch:
         timer = _Timer(device)
         bytes_before = key.numel() * key.element_size() + value.numel() * value.element_size()
         with _Range("cspkv::score", nvtx):
-            self_scores, cross_scores = policy.score(query, key, q_mod, k_mod, scale=scaling, n=config.n)
+            self_scores, cross_scores = policy.scores(config, query, key, q_mod, k_mod, scale=scaling, layer=self.layer_idx)
         with _Range("cspkv::select", nvtx):
             keep_idx, keep_valid = policy.select(self_scores, cross_scores, k_mod, plans)
         with _Range("cspkv::compact", nvtx):

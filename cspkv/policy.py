@@ -7,6 +7,9 @@ row, `window_query_ids` marks the window queries a shorter row does not own as
 padding, and `select` runs `ops.select_keep` per group of rows with equal
 settings, then pads every row to the batch's largest budget with dead slots
 (``keep_valid`` False).
+
+`scores` dispatches on `CSPConfig.policy`: CSP's self/cross scores, or the
+single ranking of a baseline (`cspkv.baselines`) selected with cross_ratio 0.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from . import ops
+from . import baselines, ops
 from .config import CSPConfig
 
 logger = logging.getLogger("cspkv")
@@ -102,6 +105,10 @@ def plan_row(config: CSPConfig, row_mod: torch.Tensor) -> RowPlan:
         cross_ratio = auto_cross_ratio(real[-window:], real)
     else:
         cross_ratio = float(config.cross_ratio)
+    if config.policy != "csp":
+        cross_ratio = 0.0  # baselines rank with one score, passed as the self score
+    if config.policy == "streaming":
+        recent = budget - min(config.sinks, budget)  # sinks + the rest of the budget as recent window
     return RowPlan(length, budget, window, recent, cross_ratio, True)
 
 
@@ -130,6 +137,20 @@ def score(q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch
     """(self_scores, cross_scores) float32 [B, Hkv, L] of the last q_mod.shape[1] queries of `q` [B, H, Lq, D]."""
     W = q_mod.shape[1]
     return ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=n)
+
+
+def scores(config: CSPConfig, q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *,
+           scale: float, layer: int = 0):
+    """(self_scores, cross_scores) float32 [B, Hkv, L] for `select` under `config.policy`.
+
+    CSP: `score` with n-softmax constant `config.n`. A baseline: its ranking as
+    the self score and zeros as the cross score (its plans have cross_ratio 0).
+    `q` [B, H, Lq, D] holds the prefill's queries (all of them for "h2o").
+    """
+    if config.policy == "csp":
+        return score(q, keys, q_mod, k_mod, scale=scale, n=config.n)
+    ranking = baselines.ranking(config, q, keys, q_mod, k_mod, scale=scale, layer=layer)
+    return ranking, torch.zeros_like(ranking)
 
 
 def _pad_row(idx: torch.Tensor, valid: torch.Tensor, K: int, L: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,216 @@
+"""Baseline policies (cspkv.baselines via CSPConfig.policy): each against an
+independent restatement of what its paper keeps, then all of them through a
+patched tiny model (exact budget, never padding, budget 1.0 is lossless), and
+the quality benchmark's --quick run on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cspkv
+from cspkv import baselines, policy
+from cspkv.config import POLICIES, CSPConfig
+
+from patch_models import generate, left_pad, prompt, returned_cache, tiny_model
+
+def _keep(config: CSPConfig, q, keys, k_mod, *, layer: int = 0):
+    """keep_idx, keep_valid of `config` for one layer, as patch.py computes them."""
+    plans = policy.plan_batch(config, k_mod)
+    q_mod = policy.window_query_ids(k_mod, plans)
+    self_scores, cross_scores = policy.scores(config, q, keys, q_mod, k_mod, scale=q.shape[-1] ** -0.5, layer=layer)
+    return policy.select(self_scores, cross_scores, k_mod, plans), plans
+
+
+def _qk(B=1, H=4, Hkv=2, L=60, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+
+
+def _causal_softmax_mass(q, keys, first_query: int) -> torch.Tensor:
+    """[B, Hkv, L]: plain causal softmax probabilities of queries first_query.. summed over queries and GQA heads."""
+    B, H, L, D = q.shape
+    Hkv = keys.shape[1]
+    k = keys.repeat_interleave(H // Hkv, dim=1)
+    logits = q @ k.transpose(-1, -2) * D ** -0.5
+    logits = logits.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    probs = logits.softmax(-1)[:, :, first_query:, :].sum(2)  # [B, H, L]
+    return probs.view(B, Hkv, H // Hkv, L).sum(2)
+
+
+def _top(scores_row: torch.Tensor, candidates: torch.Tensor, k: int) -> set:
+    order = sorted(candidates.tolist(), key=lambda j: (-float(scores_row[j]), j))
+    return set(order[:k])
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_validates_the_policy_fields():
+    assert CSPConfig().policy == "csp" and set(POLICIES) == {"csp", "snapkv", "h2o", "streaming", "random"}
+    with pytest.raises(ValueError, match="CSPConfig.policy"):
+        CSPConfig(policy="snap")
+    with pytest.raises(ValueError, match="CSPConfig.pool_kernel.*odd"):
+        CSPConfig(pool_kernel=4)
+    with pytest.raises(ValueError, match="CSPConfig.pool_kernel"):
+        CSPConfig(pool_kernel=0)
+    with pytest.raises(ValueError, match="CSPConfig.sinks"):
+        CSPConfig(sinks=-1)
+    with pytest.raises(TypeError, match="CSPConfig.seed"):
+        CSPConfig(seed=1.5)
+    with pytest.raises(TypeError, match="CSPConfig.sinks"):
+        CSPConfig(sinks=True)
+
+
+def test_baseline_plans_use_one_ranking():
+    mixed = torch.tensor([0] * 50 + [1] * 50)
+    for name in ("snapkv", "h2o", "random"):
+        plan = policy.plan_row(CSPConfig(policy=name, cross_ratio=0.9), mixed)
+        assert plan.cross_ratio == 0.0 and (plan.budget, plan.recent) == (20, 10)
+    assert policy.plan_row(CSPConfig(cross_ratio=0.9), mixed).cross_ratio == 0.9
+    plan = policy.plan_row(CSPConfig(policy="streaming", sinks=4), mixed)
+    assert (plan.budget, plan.recent) == (20, 16)
+    assert policy.plan_row(CSPConfig(policy="streaming", sinks=30), mixed).recent == 0
+
+
+# --------------------------------------------------------------------------- each policy
+
+
+def test_streaming_keeps_the_first_sinks_real_tokens_and_the_recent_ones():
+    q, keys = _qk(B=2, L=50)
+    k_mod = torch.zeros(2, 50, dtype=torch.long)
+    k_mod[1, :7] = -1  # left padding: row 1 has 43 real tokens starting at 7
+    config = CSPConfig(policy="streaming", budget=12, sinks=3, recent=2, min_prompt=1)
+    (idx, valid), _ = _keep(config, q, keys, k_mod)
+    assert valid.all()
+    for h in range(2):
+        assert idx[0, h].tolist() == [0, 1, 2] + list(range(41, 50))
+        assert idx[1, h].tolist() == [7, 8, 9] + list(range(41, 50))
+
+
+def test_snapkv_with_kernel_1_is_the_top_k_of_summed_plain_softmax_window_scores():
+    L, W, budget, recent = 60, 6, 20, 6
+    q, keys = _qk(L=L, seed=1)
+    k_mod = torch.tensor([[0] * 20 + [1] * 30 + [0] * 10])  # modalities must not matter
+    config = CSPConfig(policy="snapkv", pool_kernel=1, budget=budget, window=W, recent=recent, min_prompt=1)
+    (idx, _), _ = _keep(config, q, keys, k_mod)
+    mass = _causal_softmax_mass(q, keys, L - W)
+    for h in range(2):
+        expected = _top(mass[0, h], torch.arange(L - recent), budget - recent) | set(range(L - recent, L))
+        assert set(idx[0, h].tolist()) == expected
+
+
+def test_snapkv_pools_its_scores():
+    L, W = 60, 6
+    q, keys = _qk(L=L, seed=2)
+    k_mod = torch.zeros(1, L, dtype=torch.long)
+    raw = baselines.snapkv_ranking(q, keys, k_mod[:, -W:], k_mod, scale=0.25, pool_kernel=1)
+    pooled = baselines.snapkv_ranking(q, keys, k_mod[:, -W:], k_mod, scale=0.25, pool_kernel=5)
+    padded = torch.nn.functional.pad(raw, (2, 2))
+    expected = sum(padded[..., i:i + L] for i in range(5)) / 5
+    torch.testing.assert_close(pooled, expected)
+
+
+def test_h2o_accumulates_the_attention_of_every_prompt_query():
+    L = 70
+    q, keys = _qk(L=L, seed=3)
+    k_mod = torch.zeros(1, L, dtype=torch.long)
+    ranking = baselines.h2o_ranking(q, keys, k_mod, scale=16 ** -0.5, chunk=16)  # 5 blocks, one partial
+    torch.testing.assert_close(ranking, _causal_softmax_mass(q, keys, 0), rtol=1e-4, atol=1e-5)
+    # each query row sums to 1 per head: the total mass is L queries x G heads per KV head
+    assert torch.allclose(ranking.sum(-1), torch.full((1, 2), float(L * 2)), rtol=1e-4)
+    with pytest.raises(ValueError, match="every prompt position"):
+        baselines.h2o_ranking(q[:, :, -5:], keys, k_mod, scale=0.25)
+
+
+def test_h2o_ignores_padding_queries_and_keys():
+    q, keys = _qk(L=40, seed=4)
+    k_mod = torch.zeros(1, 40, dtype=torch.long)
+    k_mod[0, :10] = -1
+    ranking = baselines.h2o_ranking(q, keys, k_mod, scale=0.25, chunk=7)
+    alone = baselines.h2o_ranking(q[:, :, 10:], keys[:, :, 10:], k_mod[:, 10:], scale=0.25)
+    assert (ranking[..., :10] == 0).all()
+    torch.testing.assert_close(ranking[..., 10:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_random_is_seeded_per_layer_and_keeps_the_recent_window():
+    q, keys = _qk(L=50)
+    k_mod = torch.zeros(1, 50, dtype=torch.long)
+    config = CSPConfig(policy="random", budget=15, recent=5, min_prompt=1)
+    (a, _), _ = _keep(config, q, keys, k_mod, layer=3)
+    (b, _), _ = _keep(config, q, keys, k_mod, layer=3)
+    (c, _), _ = _keep(config, q, keys, k_mod, layer=4)
+    (d, _), _ = _keep(config.replace(seed=1), q, keys, k_mod, layer=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    for idx in (a, c, d):
+        assert set(range(45, 50)) <= set(idx[0, 0].tolist())
+    # uniform: over many layers every older position gets picked sometimes, none always
+    counts = torch.zeros(45)
+    for layer in range(200):
+        (idx, _), _ = _keep(config, q, keys, k_mod, layer=layer)
+        counts[idx[0, 0][idx[0, 0] < 45]] += 1
+    assert counts.min() > 0 and counts.max() < 200
+    assert abs(counts.mean() - 200 * 10 / 45) < 1e-6
+
+
+# --------------------------------------------------------------------------- through a patched model
+
+
+def _kept_by_layer(monkeypatch):
+    seen = []
+    original = policy.select
+
+    def spy(self_scores, cross_scores, k_mod, plans):
+        out = original(self_scores, cross_scores, k_mod, plans)
+        seen.append((out, k_mod.clone(), list(plans)))
+        return out
+
+    monkeypatch.setattr(policy, "select", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_keeps_exactly_the_budget_and_never_padding(name, monkeypatch):
+    model = tiny_model("llama", layers=2)
+    ids, mask = left_pad([prompt(80, seed=1)[0], prompt(57, seed=2)[0]])
+    seen = _kept_by_layer(monkeypatch)
+    with cspkv.patched(model, policy=name, budget=0.25, window=8, min_prompt=8) as handle:
+        out = generate(model, ids, mask, new=3)
+        assert handle.stats()["pruned_layers"] == 2
+    assert out.sequences.shape == (2, 83)
+    assert len(seen) == 2
+    for (idx, valid), k_mod, plans in seen:
+        for b, plan in enumerate(plans):
+            assert int(valid[b, 0].sum()) == plan.budget  # 20 and 14 distinct real tokens
+            kept = idx[b][valid[b]]
+            assert (k_mod[b][kept] >= 0).all()
+            for h in range(idx.shape[1]):
+                row = idx[b, h][valid[b, h]]
+                assert row.unique().numel() == row.numel() == plan.budget
+                assert set(range(80 - plan.recent, 80)) <= set(row.tolist())  # recent window kept
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_at_full_budget_reproduces_the_unpatched_model(name):
+    model = tiny_model("llama", layers=2)
+    ids = prompt(48, seed=3)
+    reference = generate(model, ids, new=6)
+    with cspkv.patched(model, policy=name, budget=1.0, min_prompt=8):
+        pruned = generate(model, ids, new=6)
+    assert torch.equal(reference.sequences, pruned.sequences)
+    for a, b in zip(reference.logits, pruned.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_policies_choose_differently():
+    model = tiny_model("llama", layers=1)
+    ids = prompt(100, seed=4)
+    kept = {}
+    for name in POLICIES:
+        with cspkv.patched(model, policy=name, budget=0.3, window=10, min_prompt=8):
+            with torch.no_grad():
+                out = model(ids, use_cache=True)
+        layer = returned_cache(out).layers[0]
+        kept[name] = layer.keys[0, 0].clone()
+    assert len({tuple(k.flatten().tolist()) for k in kept.values()}) == len(POLICIES)
