@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import checks, reference
 
 logger = logging.getLogger("cspkv")
 
@@ -55,7 +55,8 @@ def build_info() -> dict:
 def _warn_once(key: str, message: str) -> None:
     if key not in _state["warned"]:
         _state["warned"].add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        # 1 here, 2 backend(), 3 the op wrapper, 4 the caller's line.
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def backend(device: torch.device) -> str:
@@ -128,13 +129,17 @@ def nsoftmax_attention(
 def _register_fakes() -> None:
     """Shape functions for torch.compile / meta tensors (torch.library.register_fake)."""
 
+    # Fake kernels see only metadata: they check what needs no data (devices) so a
+    # mixed-device call fails the same way under torch.compile / meta tensors.
     @torch.library.register_fake("cspkv::window_scores")
     def _(q_win, keys, q_mod, k_mod, *, scale, n=1.0):
+        checks.same_device("window_scores", q_win=q_win, keys=keys, q_mod=q_mod, k_mod=k_mod)
         B, Hkv, L = keys.shape[0], keys.shape[1], keys.shape[2]
         return keys.new_empty((B, Hkv, L), dtype=torch.float32), keys.new_empty((B, Hkv, L), dtype=torch.float32)
 
     @torch.library.register_fake("cspkv::select_keep")
     def _(self_scores, cross_scores, k_mod, *, budget, recent, cross_ratio):
+        checks.same_device("select_keep", self_scores=self_scores, cross_scores=cross_scores, k_mod=k_mod)
         B, Hkv = self_scores.shape[0], self_scores.shape[1]
         return (
             self_scores.new_empty((B, Hkv, budget), dtype=torch.int64),
@@ -143,10 +148,12 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("cspkv::compact_kv")
     def _(keys, values, keep_idx):
+        checks.same_device("compact_kv", keys=keys, values=values, keep_idx=keep_idx)
         B, Hkv, K = keep_idx.shape
         return keys.new_empty((B, Hkv, K, keys.shape[3])), values.new_empty((B, Hkv, K, values.shape[3]))
 
     @torch.library.register_fake("cspkv::nsoftmax_attention")
     def _(q, keys, values, *, scale, n=0.0, kv_valid=None):
+        checks.same_device("nsoftmax_attention", q=q, keys=keys, values=values, kv_valid=kv_valid)
         B, H, Q = q.shape[0], q.shape[1], q.shape[2]
         return q.new_empty((B, H, Q, values.shape[3]))

@@ -249,5 +249,8 @@ def nsoftmax_attention(
         valid = kv_valid[:, None] if kv_valid.dim() == 2 else kv_valid  # [B, 1 or Hkv, Lc]
         allowed = allowed & valid[:, :, None, None, :]
     probs = _nsoftmax(logits, allowed, n)
-    out = torch.einsum("bhgql,bhle->bhgqe", probs, values.float())
+    values = values.float()
+    if kv_valid is not None:  # dead slots may hold anything (NaN included): 0 * NaN would leak
+        values = values.masked_fill(~valid[..., None], 0.0)
+    out = torch.einsum("bhgql,bhle->bhgqe", probs, values)
     return out.reshape(B, H, Q, values.shape[3]).to(q.dtype)

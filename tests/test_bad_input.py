@@ -154,21 +154,17 @@ CASES = [
 
 _BACKENDS = {"kernel": lambda op: getattr(cspkv.ops, op), "reference": lambda op: getattr(reference, op)}
 
-# A second device without a GPU: "meta". It reaches the reference's check, but
-# not the C++ one: the dispatcher sends any call with a meta tensor to the Meta
-# kernel (the fake kernel of cspkv.ops), which computes shapes and checks
-# nothing. The compiled op's device check is reached with CPU + CUDA tensors
-# (the CUDA kernel runs it), so the kernel variant of those cases needs a GPU.
-_CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
+# The second device is CUDA when a GPU is visible (the CUDA kernel runs the C++
+# device check), else "meta": a call with a meta tensor is dispatched to the fake
+# kernels of cspkv.ops, which run the same device check as the reference.
+_OTHER_DEVICE = "cuda" if torch.cuda.is_available() else "meta"
 
 
 def _params():
     for case in CASES:
         for backend in ("kernel", "reference"):
-            two_devices = "other-device" in case.label
-            marks = _CUDA_MARKS if two_devices and backend == "kernel" else []
-            other = ("cuda" if backend == "kernel" else "meta") if two_devices else None
-            yield pytest.param(case, backend, other, id=f"{case.op}-{case.label}-{backend}", marks=marks)
+            other = _OTHER_DEVICE if "other-device" in case.label else None
+            yield pytest.param(case, backend, other, id=f"{case.op}-{case.label}-{backend}")
 
 
 @pytest.mark.parametrize("case, backend, other", list(_params()))
