@@ -79,6 +79,12 @@ class CSPConfig:
         with one score (`cross_ratio` and `n` do not apply to them).
     pool_kernel : odd int >= 1, default 7
         ``"snapkv"`` only: width of the 1-D average pooling of the window scores.
+    pool : odd int >= 1, default 1 (off)
+        ``"csp"`` only: max-pool both scores over `pool` neighbouring keys
+        before selection (SnapKV-style clustering, not part of CSP as
+        published). A strongly attended token then keeps its neighbours, which
+        multi-token facts need: on SmolLM2 a 5-digit pass key keeps only its
+        first digit without it (see tests/test_smollm2.py).
     sinks : int >= 0, default 4
         ``"streaming"`` only: the first `sinks` real tokens are always kept; the
         rest of the budget is the recent window.
@@ -103,6 +109,7 @@ class CSPConfig:
     pool_kernel: int = 7
     sinks: int = 4
     seed: int = 0
+    pool: int = 1
 
     def __post_init__(self) -> None:
         _check_size("budget", self.budget, allow_zero=False)
@@ -141,6 +148,10 @@ class CSPConfig:
                 _fail(field, f"must be an int >= {low}, got {value!r}", TypeError)
             if value < low:
                 _fail(field, f"must be an int >= {low}, got {value!r}")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int):
+            _fail("pool", f"must be an odd int >= 1, got {self.pool!r}", TypeError)
+        if self.pool < 1 or self.pool % 2 == 0:
+            _fail("pool", f"must be an odd int >= 1 (1 = no pooling), got {self.pool!r}")
         if self.pool_kernel % 2 == 0:
             _fail("pool_kernel", f"must be odd (pooling keeps the length), got {self.pool_kernel!r}")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import baselines, ops
 from .config import CSPConfig
@@ -133,10 +134,21 @@ def window_query_ids(k_mod: torch.Tensor, plans: Sequence[RowPlan]) -> torch.Ten
     return q_mod
 
 
-def score(q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *, scale: float, n: float):
-    """(self_scores, cross_scores) float32 [B, Hkv, L] of the last q_mod.shape[1] queries of `q` [B, H, Lq, D]."""
+def score(
+    q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *, scale: float, n: float, pool: int = 1
+):
+    """(self_scores, cross_scores) float32 [B, Hkv, L] of the last q_mod.shape[1] queries of `q` [B, H, Lq, D].
+
+    With `pool` > 1 (odd) each score becomes the maximum over the `pool` keys
+    centred on it, so the neighbours of a strongly attended token rank with it.
+    Padding keys may then carry a score, but `select_keep` never keeps padding.
+    """
     W = q_mod.shape[1]
-    return ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=n)
+    self_scores, cross_scores = ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=n)
+    if pool > 1:
+        self_scores = F.max_pool1d(self_scores, pool, stride=1, padding=pool // 2)
+        cross_scores = F.max_pool1d(cross_scores, pool, stride=1, padding=pool // 2)
+    return self_scores, cross_scores
 
 
 def scores(config: CSPConfig, q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *,
@@ -148,7 +160,7 @@ def scores(config: CSPConfig, q: torch.Tensor, keys: torch.Tensor, q_mod: torch.
     `q` [B, H, Lq, D] holds the prefill's queries (all of them for "h2o").
     """
     if config.policy == "csp":
-        return score(q, keys, q_mod, k_mod, scale=scale, n=config.n)
+        return score(q, keys, q_mod, k_mod, scale=scale, n=config.n, pool=config.pool)
     ranking = baselines.ranking(config, q, keys, q_mod, k_mod, scale=scale, layer=layer)
     return ranking, torch.zeros_like(ranking)
 

@@ -31,6 +31,7 @@ from patch_models import CACHE_KW, FAMILIES, cache_layer_lengths, generate, prom
         ("n", -1.0), ("decode_n", math.inf),
         ("min_prompt", 0),
         ("layers", [-1]), ("layers", [1, 1]),
+        ("pool", 0), ("pool", 4),
     ],
 )
 def test_config_out_of_range_names_the_field(field, value):

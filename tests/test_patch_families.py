@@ -10,6 +10,8 @@ the tokens of each prompt run alone.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache
@@ -143,3 +145,37 @@ def test_left_padded_batch_matches_each_prompt_alone(family, attn):
         for b, p in enumerate(prompts):
             alone = generate(model, p[None], new=10)
             assert batch.sequences[b, ids.shape[1]:].tolist() == alone.sequences[0, p.numel():].tolist(), f"row {b}"
+
+
+_GPU_ATTN = ["eager", "sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("attn", _GPU_ATTN)
+def test_cuda_generate(attn):
+    """On GPU: budget=1.0 reproduces the unpatched model; a pruned padded batch matches each row alone.
+
+    flash_attention_2 needs half precision: there, logits agree to half-precision noise.
+    """
+    dtype = torch.bfloat16 if attn == "flash_attention_2" else torch.float32
+    model = tiny_model("qwen3", attn=attn).to("cuda", dtype)
+    never = twin(model)
+    ids = prompt(120, seed=21).cuda()
+    reference = generate(never, ids, new=12)
+    with cspkv.patched(model, budget=1.0, min_prompt=8):
+        out = generate(model, ids, new=12)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(out.logits[0], reference.logits[0], **tol)
+    if dtype == torch.float32:
+        assert torch.equal(out.sequences, reference.sequences)
+    prompts = [prompt(n, seed=30 + n)[0] for n in (100, 57, 128)]
+    batch_ids, mask = left_pad(prompts)
+    with cspkv.patched(model, budget=0.25, min_prompt=8) as handle:
+        batch = generate(model, batch_ids.cuda(), mask.cuda(), new=8)
+        assert handle.stats()["layers"][0]["device"].startswith("cuda")
+        assert handle.stats()["layers"][0]["kept_per_row"] == [25, 14, 32]
+        if dtype == torch.float32:
+            for b, p in enumerate(prompts):
+                alone = generate(model, p[None].cuda(), new=8)
+                assert batch.sequences[b, batch_ids.shape[1]:].tolist() == alone.sequences[0, p.numel():].tolist()

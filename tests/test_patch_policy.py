@@ -54,6 +54,19 @@ def test_window_query_ids_mark_foreign_queries():
     assert policy.window_query_ids(k_mod, plans).tolist() == [[-1, -1, 0], [1, 1, 1]]
 
 
+def test_score_pooling_spreads_a_peak_to_its_neighbours():
+    torch.manual_seed(0)
+    q, keys = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 20, 8)
+    k_mod = torch.zeros(1, 20, dtype=torch.long)
+    k_mod[0, :5] = -1
+    q_mod = k_mod[:, -3:]
+    plain = policy.score(q, keys, q_mod, k_mod, scale=0.35, n=1.0)
+    pooled = policy.score(q, keys, q_mod, k_mod, scale=0.35, n=1.0, pool=5)
+    for a, b in zip(plain, pooled):
+        expected = torch.stack([a[..., max(0, j - 2): j + 3].amax(-1) for j in range(20)], dim=-1)
+        assert torch.equal(b, expected)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     lengths=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=4),
