@@ -224,3 +224,27 @@ def test_unpruned_layers_after_reset_prune_again():
         cache.reset()
         model(ids[:, :40], **{CACHE_KW: cache}, use_cache=True)
         assert cache_layer_lengths(cache) == [20, 20] and cache.get_seq_length() == 40
+
+
+def test_decode_n_softmax_is_applied_after_pruning():
+    model = tiny_model("llama")
+    ids = prompt(60, seed=21)
+    with torch.no_grad():
+        reference = generate(model, ids, new=4).logits
+        with cspkv.patched(model, budget=1.0, min_prompt=8, decode_n=0.0):
+            softmax = generate(model, ids, new=4).logits
+        with cspkv.patched(model, budget=1.0, min_prompt=8, decode_n=1.0):
+            nsoftmax = generate(model, ids, new=4).logits
+    # The first logits come from the prefill (original attention); decode steps use the pruned-cache attention.
+    torch.testing.assert_close(softmax[1], reference[1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(nsoftmax[0], softmax[0])
+    assert not torch.allclose(nsoftmax[1], softmax[1], rtol=1e-3, atol=1e-3)
+
+
+def test_nvtx_ranges_are_a_no_op_on_cpu(monkeypatch):
+    monkeypatch.setenv("CSPKV_NVTX", "1")
+    model = tiny_model("llama")
+    with torch.no_grad(), cspkv.patched(model, budget=0.5, min_prompt=8) as handle:
+        assert handle.nvtx
+        cache = returned_cache(model(prompt(40, seed=22), use_cache=True))
+    assert cache_layer_lengths(cache) == [20, 20]
