@@ -35,12 +35,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Builds the same sources with CMake (CPU kernels) and loads the result: keeps
-# CMakeLists.txt honest.
+# CMakeLists.txt honest (.ci/cmake_smoke.py runs its ops against the reference).
 cmake-check: deps
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DCSPKV_CUDA=OFF \
 		-DPython_EXECUTABLE=$(abspath $(PY))
 	cmake --build build/cmake -j $(MAX_JOBS)
-	$(PY) -c "import sys, torch; torch.ops.load_library(sys.argv[1]); print('cmake build OK:', [n for n in torch._C._dispatch_get_all_op_names() if n.startswith('cspkv::')])" build/cmake/_C.so
+	$(PY) .ci/cmake_smoke.py build/cmake/_C.so
 
 clean:
 	rm -rf build *.egg-info cspkv/_C*.so
