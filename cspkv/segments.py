@@ -18,7 +18,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 INSTRUCTION = 0  # segment id of the chat scaffolding and the question
-DOCUMENT = 1  # segment id of the context documents
+DOCUMENT = 1  # segment id of the first context document (document i gets DOCUMENT + i)
 
 _MARK = "\x00CSPKV_SEGMENTS\x00"
 
@@ -79,6 +79,7 @@ class PassKeyCase:
     input_ids: torch.Tensor  # [1, L]
     segment_ids: torch.Tensor  # [1, L]
     answer: str
+    question_tokens: int  # tokens after the last document (question + chat scaffolding)
 
 
 def passkey_case(tokenizer, *, seed: int, target_tokens: int = 1500, n_documents: int = 6) -> PassKeyCase:
@@ -86,7 +87,9 @@ def passkey_case(tokenizer, *, seed: int, target_tokens: int = 1500, n_documents
 
     `n_documents` documents of English filler; one (chosen by `seed`) carries
     the sentence with the key, at a random depth. The question comes last.
-    Document tokens get `DOCUMENT`, the rest `INSTRUCTION`.
+    Document i's tokens get segment id ``DOCUMENT + i``, the rest `INSTRUCTION`,
+    so CSP's cross score of a document token is the attention it gets from the
+    question (and from the other documents).
     """
     rng = random.Random(seed)
     passages = english_passages()
@@ -107,7 +110,8 @@ def passkey_case(tokenizer, *, seed: int, target_tokens: int = 1500, n_documents
 
     segments = []
     for i, document in enumerate(documents):
-        segments.append((f"Document {i + 1}:\n{document}\n\n", DOCUMENT))
+        segments.append((f"Document {i + 1}:\n{document}\n\n", DOCUMENT + i))
     segments.append(("What is the pass key? Answer with the number only.", INSTRUCTION))
     input_ids, segment_ids = chat_prompt(tokenizer, segments)
-    return PassKeyCase(input_ids, segment_ids, key)
+    last_document = int((segment_ids[0] != INSTRUCTION).nonzero().max())
+    return PassKeyCase(input_ids, segment_ids, key, input_ids.shape[1] - 1 - last_document)
