@@ -8,7 +8,7 @@ import platform
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -81,16 +81,17 @@ def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
     return statistics.median(times)
 
 
-def write_results(stem: str, header: str, rows: List[dict], columns: List[str], extra_md: str = "") -> str:
-    """Writes benchmarks/results/<stem>.json and .md; returns the markdown table."""
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
-        json.dump({"header": header, "rows": rows}, f, indent=1)
+def write_results(stem: str, header: str, rows: List[dict], columns: List[str], extra_md: str = "",
+                  *, folder: str = RESULTS, extra_json: Optional[dict] = None) -> str:
+    """Writes <folder>/<stem>.json (header, rows, then `extra_json`'s keys) and .md; returns the markdown table."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, stem + ".json"), "w") as f:
+        json.dump({"header": header, "rows": rows, **(extra_json or {})}, f, indent=1)
     lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
     table = "\n".join(lines)
-    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
+    with open(os.path.join(folder, stem + ".md"), "w") as f:
         f.write(f"{header}\n\n{table}\n{extra_md}")
     return table
 

