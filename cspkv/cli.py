@@ -159,6 +159,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if prompt.startswith("@"):
+        if not os.path.isfile(prompt[1:]):
+            raise SystemExit(f"cspkv generate: --prompt file does not exist: {prompt[1:]}")
         with open(prompt[1:], encoding="utf-8") as f:
             prompt = f.read()
     if not os.path.exists(args.model):
