@@ -236,7 +236,7 @@ def test_quality_benchmark_quick(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT,  # a hang guard only; the script prints its own time
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for ext in ("md", "json", "png"):
