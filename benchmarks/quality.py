@@ -1,15 +1,20 @@
 """Quality of CSP and the baseline policies on a real model (SmolLM2-135M-Instruct, CPU).
 
 Task A, retrieval across segments: prompts of 1k-4k tokens made of prose filler
-(English from pydoc_data.topics), blocks of key-value records ("The code for
-<name> is <number>.") at spread depths and a final question about one record.
-The three segment kinds are CSP's modalities (instruction 0, records 1,
-prose 2). Metric: exact match (the greedy answer contains the number).
+(English from pydoc_data.topics), three one-line records ("The locker number
+is 417.") at spread depths, one of them asked about, and the instruction. The
+three segment kinds are CSP's modalities (instruction 0, records 1, prose 2).
+The answer is primed ("The locker number is"); metric: exact match (the greedy
+answer contains the number).
 
 Task B, continuation fidelity: natural English passages, a prompt of 1k-2k
 tokens, then 64 teacher-forced continuation tokens. Each passage is its own
 segment (modality = passage index). Metrics: mean KL(full || pruned) of the
 next-token distributions and top-1 agreement with the full cache.
+
+Lines: `csp` (library defaults), `csp+pool` (CSPConfig.pool = 15), snapkv,
+h2o, streaming, random, at budgets 0.1-0.5; CSP's n x decode_n x cross_ratio
+x pool grid at a subset of budgets.
 
 How a case runs. Pruning happens after each layer's prefill attention, so the
 prefill's hidden states, keys and queries do not depend on the policy: the
@@ -20,9 +25,10 @@ with the library's own steps (`policy.plan_batch`, `policy.scores`,
 attention does at prefill). The last prompt token is held back: it is fed
 over the pruned cache by the patched model (so the first answer token is not
 free), followed by the greedy answer (A) or the teacher-forced continuation
-(B); configurations of equal budget and decode_n run as one batch. A check at
-start-up prunes one prompt through `cspkv.patched` for every policy and
-requires the same kept keys and the same next-token logits.
+(B); configurations of equal decode_n and budgets within a factor 2 run as
+one batch (dead slots fill the smaller rows). A check at start-up prunes one
+prompt through `cspkv.patched` for every line and requires the same kept keys
+and next-token logits, and budget 1.0 to give the full cache's logits.
 
     python benchmarks/quality.py            # default sweep (<= 40 min on 2 cores)
     python benchmarks/quality.py --quick    # a small subset (< 3 min), exercised by the tests
@@ -33,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -59,6 +64,9 @@ from common import RESULTS, device_description, write_results  # noqa: E402
 
 BASELINES = ("snapkv", "h2o", "streaming", "random")
 POLICIES = ("csp",) + BASELINES
+POOL = 15  # CSPConfig.pool of the "csp+pool" line (the demo's setting)
+# The lines of the main table and the plot: name -> CSPConfig fields besides window and budget.
+LINES = {"csp": {}, "csp+pool": {"pool": POOL}, **{name: {"policy": name} for name in BASELINES}}
 INSTRUCTION, RECORDS, PROSE = 0, 1, 2
 CONTINUATION = 64
 ANSWER_TOKENS = 4  # a space and three digits
@@ -69,7 +77,6 @@ WINDOW = 0.05
 # Keys of the records: objects that Python's reference manual (the filler) never talks about.
 THINGS = "locker invoice flight ticket badge parcel passport cabin voucher pager berth vault".split()
 
-log = logging.getLogger("cspkv.quality")
 PHASES: Dict[str, float] = {}  # seconds spent per phase (prefill, scores, select, decode, ...)
 
 
@@ -109,36 +116,25 @@ def _prose(tokenizer, passages, rng, tokens: int) -> str:
     return " ".join(text)
 
 
-WORDS = ("apple river candle violin tiger marble copper orchid lantern falcon cactus walnut harbor meadow pepper "
-         "saddle glacier thunder velvet mango pencil dolphin anchor compass feather ginger kettle lemon magnet nectar "
-         "oyster parrot quartz rocket saffron umbrella yogurt zebra cobalt dragon").split()
-
-
 def retrieval_case(tokenizer, passages, *, seed: int, target_tokens: int, depth: float, records: int = 3,
-                   kind: str = "digits3") -> Case:
+                   digits: int = 3) -> Case:
     """Task A: prose with `records` one-line records at spread depths; the asked one at `depth`.
 
     The assistant's answer is primed ("The <key> number is"), so the next tokens
     are the number itself; SmolLM2-135M otherwise often answers in prose.
-    `kind`: "digits3" (default) or "digits5" numbers, or "word" values (which
-    SmolLM2-135M cannot retrieve even with the full cache).
+    Numbers have `digits` digits (one token each); one-word values instead of
+    numbers are beyond SmolLM2-135M even with the full cache.
     """
     rng = random.Random(seed)
     keys = rng.sample(THINGS, records)
-    if kind == "word":
-        values = rng.sample(WORDS, records)
-        noun = "password"
-    else:
-        digits = int(kind[-1])
-        values = rng.sample(range(10 ** (digits - 1), 10 ** digits), records)
-        noun = "number"
-    lines = [f"The {k} {noun} is {v}." for k, v in zip(keys, values)]
+    values = rng.sample(range(10 ** (digits - 1), 10 ** digits), records)
+    lines = [f"The {k} number is {v}." for k, v in zip(keys, values)]
     where = {0: depth}  # record 0 is asked; the others sit at the middles of equal slices
     for j in range(1, records):
         where[j] = (j - 0.5) / (records - 1)
     order = sorted(where, key=where.get)
-    tail = f"Question: what is the {keys[0]} {noun}?"
-    prime = f"The {keys[0]} {noun} is"
+    tail = f"Question: what is the {keys[0]} number?"
+    prime = f"The {keys[0]} number is"
     fixed = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in lines + [tail, prime]) + 40
     prose_total = max(target_tokens - fixed, 100)
     segments = [("Read the text below, then answer the question.\n\n", INSTRUCTION)]
@@ -179,23 +175,30 @@ def continuation_case(tokenizer, passages, *, seed: int, prompt_tokens: int) -> 
 def label(config: Optional[CSPConfig]) -> str:
     if config is None:
         return "full"
+    if config.policy == "snapkv" and config.pool_kernel != CSPConfig.pool_kernel:
+        return f"snapkv b={config.budget} k={config.pool_kernel}"
     if config.policy != "csp":
         return f"{config.policy} b={config.budget}"
-    return f"csp b={config.budget} n={config.n:g} dn={config.decode_n:g} cr={config.cross_ratio}"
+    text = f"csp b={config.budget} n={config.n:g} dn={config.decode_n:g} cr={config.cross_ratio}"
+    return text + (f" pool={config.pool}" if config.pool != 1 else "")
+
+
+def line_config(line: str, budget: float) -> CSPConfig:
+    """The configuration of a main-table line at `budget` (CSP lines: library defaults otherwise)."""
+    return CSPConfig(window=WINDOW, budget=budget, **LINES[line])
 
 
 def sweep(budgets: Sequence[float], grid_budgets: Sequence[float], grid: dict) -> List[CSPConfig]:
-    """Every policy at every budget (CSP with the library defaults), plus CSP's grid at `grid_budgets`."""
+    """Every line at every budget, plus CSP's n x decode_n x cross_ratio x pool grid at `grid_budgets`."""
+    configs = [line_config(line, budget) for budget in budgets for line in LINES]
     base = CSPConfig(window=WINDOW)
-    configs = []
-    for budget in budgets:
-        for name in POLICIES:
-            configs.append(base.replace(policy=name, budget=budget))
     for budget in grid_budgets:
-        for n in grid["n"]:
-            for decode_n in grid["decode_n"]:
-                for ratio in grid["cross_ratio"]:
-                    configs.append(base.replace(budget=budget, n=float(n), decode_n=float(decode_n), cross_ratio=ratio))
+        for pool in grid["pool"]:
+            for n in grid["n"]:
+                for decode_n in grid["decode_n"]:
+                    for ratio in grid["cross_ratio"]:
+                        configs.append(base.replace(budget=budget, n=float(n), decode_n=float(decode_n),
+                                                    cross_ratio=ratio, pool=pool))
     return list(dict.fromkeys(configs))
 
 
@@ -264,7 +267,7 @@ def prefill(model, case: Case) -> Prefill:
 
 def _score_key(config: CSPConfig) -> tuple:
     if config.policy == "csp":
-        return ("csp", config.n, config.window)
+        return ("csp", config.n, config.window, config.pool)
     return (config.policy, config.window, config.pool_kernel, config.sinks, config.seed)
 
 
@@ -384,13 +387,13 @@ def run_case(model, tokenizer, case: Case, configs: List[CSPConfig]) -> Dict[str
 
 
 def equivalence_check(model, case: Case, budget: float) -> List[str]:
-    """Prune `case` through cspkv.patched for every policy; the benchmark's cache must match it."""
+    """Prune `case` through cspkv.patched for every line; the benchmark's cache must match it."""
     problems = []
     pre = prefill(model, case)
     ids, seg = case.input_ids[:, :-1], case.segment_ids[:, :-1]
     last = case.input_ids[:, -1:]
-    for name in POLICIES:
-        config = CSPConfig(window=WINDOW, budget=budget, policy=name)
+    for name in LINES:
+        config = line_config(name, budget)
         mine = pruned_kv(pre, config)
         with cspkv.patched(model, config) as handle, torch.inference_mode():
             cache = _dynamic_cache(model)
@@ -444,31 +447,30 @@ def parse_label(name: str) -> dict:
     row = {"policy": parts[0]}
     for part in parts[1:]:
         k, v = part.split("=")
-        row[{"b": "budget", "n": "n", "dn": "decode_n", "cr": "cross_ratio"}[k]] = v if v == "auto" else float(v)
+        key = {"b": "budget", "n": "n", "dn": "decode_n", "cr": "cross_ratio", "pool": "pool", "k": "pool_kernel"}[k]
+        row[key] = v if v == "auto" else (int(v) if key in ("pool", "pool_kernel") else float(v))
     return row
 
 
-def targets(summary: Dict[str, dict], budgets: Sequence[float], default: CSPConfig) -> List[Tuple[str, bool, str]]:
-    def csp(b):
-        return summary[label(CSPConfig(window=WINDOW).replace(budget=b))]
+def targets(summary: Dict[str, dict], budgets: Sequence[float], line: str = "csp") -> List[Tuple[str, bool, str]]:
+    """The issue's targets for the CSP line `line`: (what, holds, detail)."""
+    def get(name, b):
+        return summary[label(line_config(name, b))]
 
     out = []
     full = summary["full"]
     if 0.2 in budgets and "acc" in full:
-        gap = full["acc"] - csp(0.2)["acc"]
-        out.append(("task A: CSP at 20% within 2 points of the full cache", gap <= 2.0,
-                    f"full {full['acc']:.1f}%, CSP {csp(0.2)['acc']:.1f}% (gap {gap:+.1f})"))
+        gap = full["acc"] - get(line, 0.2)["acc"]
+        out.append((f"task A: {line} at 20% within 2 points of the full cache", gap <= 2.0,
+                    f"full {full['acc']:.1f}%, {line} {get(line, 0.2)['acc']:.1f}% (gap {gap:+.1f})"))
     for b in budgets:
-        c = csp(b)
-        others = {p: summary[label(CSPConfig(window=WINDOW, policy=p, budget=b))] for p in ("snapkv", "h2o")}
+        c, snap, h2o = get(line, b), get("snapkv", b), get("h2o", b)
         if "acc" in c:
-            ok = all(c["acc"] >= o["acc"] for o in others.values())
-            out.append((f"task A, budget {b}: CSP accuracy >= snapkv and h2o", ok,
-                        f"CSP {c['acc']:.1f}%, snapkv {others['snapkv']['acc']:.1f}%, h2o {others['h2o']['acc']:.1f}%"))
+            out.append((f"task A, budget {b}: {line} accuracy >= snapkv and h2o", c["acc"] >= max(snap["acc"], h2o["acc"]),
+                        f"{line} {c['acc']:.1f}%, snapkv {snap['acc']:.1f}%, h2o {h2o['acc']:.1f}%"))
         if "kl" in c:
-            ok = all(c["kl"] < o["kl"] for o in others.values())
-            out.append((f"task B, budget {b}: CSP mean KL < snapkv and h2o", ok,
-                        f"CSP {c['kl']:.4f}, snapkv {others['snapkv']['kl']:.4f}, h2o {others['h2o']['kl']:.4f}"))
+            out.append((f"task B, budget {b}: {line} mean KL < snapkv and h2o", c["kl"] < min(snap["kl"], h2o["kl"]),
+                        f"{line} {c['kl']:.4f}, snapkv {snap['kl']:.4f}, h2o {h2o['kl']:.4f}"))
     return out
 
 
@@ -482,9 +484,10 @@ def plot(summary: Dict[str, dict], budgets: Sequence[float], path: str, title: s
                ("top1", "task B: top-1 agreement (%)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for ax, (metric, ylabel) in zip(axes, metrics):
-        for name in POLICIES:
-            ys = [summary[label(CSPConfig(window=WINDOW, policy=name, budget=b))].get(metric) for b in budgets]
-            ax.plot(budgets, ys, marker="o", label=name, linewidth=2.2 if name == "csp" else 1.4)
+        for name in LINES:
+            ys = [summary[label(line_config(name, b))].get(metric) for b in budgets]
+            ax.plot(budgets, ys, marker="o", label=name, linewidth=2.2 if name.startswith("csp") else 1.4,
+                    linestyle=":" if name == "csp+pool" else "-")
         full = summary["full"].get(metric)
         if metric == "kl":
             ax.set_yscale("log")  # random is orders of magnitude above the rest; the full cache is 0
@@ -506,13 +509,13 @@ def plot(summary: Dict[str, dict], budgets: Sequence[float], path: str, title: s
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset (< 3 min), for the tests")
-    parser.add_argument("--cases-a", type=int, default=None, help="task A cases (default 100; quick 4)")
-    parser.add_argument("--cases-b", type=int, default=None, help="task B passages (default 50; quick 3)")
+    parser.add_argument("--cases-a", type=int, default=None, help="task A cases (default 100; quick 3)")
+    parser.add_argument("--cases-b", type=int, default=None, help="task B passages (default 50; quick 2)")
     parser.add_argument("--budgets", type=float, nargs="+", default=None)
     parser.add_argument("--grid-budgets-a", type=float, nargs="+", default=None,
-                        help="budgets of CSP's n x decode_n x cross_ratio grid on task A (default 0.1 0.2)")
+                        help="budgets of CSP's n x decode_n x cross_ratio x pool grid on task A (default 0.1 0.2)")
     parser.add_argument("--grid-budgets-b", type=float, nargs="+", default=None,
-                        help="budgets of CSP's n x decode_n x cross_ratio grid on task B (default 0.2)")
+                        help="budgets of CSP's n x decode_n x cross_ratio x pool grid on task B (default 0.2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", help="a model directory or .gguf file instead of the embedded SmolLM2")
@@ -520,14 +523,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     quick = args.quick
-    n_a = args.cases_a if args.cases_a is not None else (4 if quick else 100)
-    n_b = args.cases_b if args.cases_b is not None else (3 if quick else 50)
+    n_a = args.cases_a if args.cases_a is not None else (3 if quick else 100)
+    n_b = args.cases_b if args.cases_b is not None else (2 if quick else 50)
     budgets = tuple(args.budgets or ((0.1, 0.2) if quick else (0.1, 0.2, 0.3, 0.5)))
     grid_a = tuple(args.grid_budgets_a or ((0.2,) if quick else (0.1, 0.2)))
     grid_b = tuple(args.grid_budgets_b or (0.2,))
     grid_budgets = tuple(sorted(set(grid_a) | set(grid_b)))
-    grid = ({"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.5, "auto")} if quick else
-            {"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.1, 0.5, 0.9, "auto")})
+    grid = ({"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.5, "auto"), "pool": (1,)} if quick else
+            {"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.1, 0.5, 0.9, "auto"), "pool": (1, POOL)})
     lengths_a = (1024,) if quick else (1024, 1536, 2048, 3072, 4096)
     lengths_b = (1024,) if quick else (1024, 1536, 2048)
 
@@ -544,6 +547,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     path = args.model or smollm2_gguf()
     tokenizer, model = load_causal_lm(path)
     loaded = time.perf_counter() - started
@@ -570,7 +574,7 @@ def main(argv=None) -> int:
     if problems:
         print("equivalence check: FAILED\n  " + "\n  ".join(problems))
         return 1
-    print(f"equivalence check: ok (every policy: benchmark cache == cspkv.patched cache; budget 1.0 == full cache; "
+    print(f"equivalence check: ok (every line: benchmark cache == cspkv.patched cache; budget 1.0 == full cache; "
           f"{time.perf_counter() - check_started:.0f} s)", flush=True)
 
     per_case = []
@@ -587,72 +591,102 @@ def main(argv=None) -> int:
     rows = []
     for name in labels:
         row = parse_label(name)
-        row.update({k: round(v, 4) for k, v in summary[name].items()})
+        row.update({key: round(value, 4) for key, value in summary[name].items()})
         rows.append(row)
-    main_rows = [r for r in rows if r["policy"] != "csp" or label_is_default(r)]
+    line_rows = []
+    for line in LINES:
+        for b in budgets:
+            row = {"line": line, **parse_label(label(line_config(line, b)))}
+            row.update({key: round(value, 4) for key, value in summary[label(line_config(line, b))].items()})
+            line_rows.append(row)
+    full_row = {"line": "full", **rows[0]}
     grid_rows = [r for r in rows if r["policy"] == "csp"]
+    for r in grid_rows:
+        r.setdefault("pool", 1)
 
-    def table(selected, columns):
+    def table(selected, columns, metrics=("acc", "kl", "top1")):
         lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
         for r in selected:
-            lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+            lines.append("| " + " | ".join(_fmt(r.get(c, ""), c if c in metrics else "") for c in columns) + " |")
         return "\n".join(lines)
 
-    pivot = ["| policy | " + " | ".join(f"A acc @{b}" for b in budgets) + " | "
-             + " | ".join(f"B KL @{b}" for b in budgets) + " |",
-             "|" + "---|" * (1 + 2 * len(budgets))]
-    for name in ("full",) + POLICIES:
+    pivot = ["| line | " + " | ".join(f"A acc % @{b}" for b in budgets) + " | "
+             + " | ".join(f"B KL @{b}" for b in budgets) + " |", "|" + "---|" * (1 + 2 * len(budgets))]
+    for line in ("full",) + tuple(LINES):
         cells = []
         for metric in ("acc", "kl"):
             for b in budgets:
-                s = summary["full"] if name == "full" else summary[label(CSPConfig(window=WINDOW, policy=name, budget=b))]
-                cells.append(_fmt(s.get(metric, float("nan")), metric))
-        pivot.append(f"| {name} | " + " | ".join(cells) + " |")
+                entry = summary["full"] if line == "full" else summary[label(line_config(line, b))]
+                cells.append(_fmt(entry.get(metric, float("nan")), metric))
+        pivot.append(f"| {line} | " + " | ".join(cells) + " |")
     pivot = "\n".join(pivot)
 
-    # Best CSP setting per (grid budget, metric), and overall: mean rank over every (budget, metric) of the grid.
-    best_lines, ranking = [], {}
-    for b in grid_budgets:
-        for metric, sign in (("acc", -1), ("kl", 1)):
-            cand = [r for r in grid_rows if r["budget"] == b and metric in r]
-            if len(cand) < 2:
-                continue
-            best = min(cand, key=lambda r: sign * r[metric])
-            best_lines.append(f"- budget {b}, best {metric}: n={best['n']:g}, decode_n={best['decode_n']:g}, "
-                              f"cross_ratio={best['cross_ratio']} ({_fmt(best[metric], metric)})")
-            for r in cand:  # rank = how many settings did strictly better (ties share a rank)
-                rank = sum(sign * o[metric] < sign * r[metric] for o in cand)
-                ranking.setdefault((r["n"], r["decode_n"], r["cross_ratio"]), []).append(rank)
+    # Best CSP setting per (grid budget, metric, pool), and overall per pool: mean rank over the
+    # (budget, metric) columns of the grid (0 = best; ties share the better rank).
+    best_lines = []
     current = (default.n, default.decode_n, default.cross_ratio)
-    overall = sorted(ranking.items(), key=lambda kv: (sum(kv[1]) / len(kv[1]), kv[0] != current, str(kv[0])))
-    if overall:
-        (bn, bdn, bcr), ranks = overall[0]
-        best_lines.append(f"- overall (mean rank over the grid's budget x metric columns, 0 = best): n={bn:g}, "
-                          f"decode_n={bdn:g}, cross_ratio={bcr} (mean rank {sum(ranks) / len(ranks):.2f} "
-                          f"of {len(overall)} settings)")
+    for pool in grid["pool"]:
+        ranking: Dict[tuple, List[int]] = {}
+        for b in grid_budgets:
+            for metric, sign in (("acc", -1), ("kl", 1)):
+                cand = [r for r in grid_rows if r["budget"] == b and r["pool"] == pool and metric in r]
+                if len(cand) < 2:
+                    continue
+                best = min(cand, key=lambda r: sign * r[metric])
+                best_lines.append(f"- pool={pool}, budget {b}, best {metric}: n={best['n']:g}, "
+                                  f"decode_n={best['decode_n']:g}, cross_ratio={best['cross_ratio']} "
+                                  f"({_fmt(best[metric], metric)})")
+                for r in cand:
+                    rank = sum(sign * o[metric] < sign * r[metric] for o in cand)
+                    ranking.setdefault((r["n"], r["decode_n"], r["cross_ratio"]), []).append(rank)
+        overall = sorted(ranking.items(), key=lambda kv: (sum(kv[1]) / len(kv[1]), kv[0] != current, str(kv[0])))
+        if overall:
+            (bn, bdn, bcr), ranks = overall[0]
+            best_lines.append(f"- pool={pool}, overall (mean rank over the grid's budget x metric columns, 0 = best): "
+                              f"n={bn:g}, decode_n={bdn:g}, cross_ratio={bcr} (mean rank {sum(ranks) / len(ranks):.2f} "
+                              f"of {len(overall)} settings)")
 
-    checks = targets(summary, budgets, default)
+    # Task A by prompt length at one budget: where the full cache itself fails (long prompts).
+    by_length = ""
+    b_len = 0.2 if 0.2 in budgets else budgets[0]
+    a_cases = [(c, r) for c, r in zip(cases, per_case) if c.task == "A"]
+    if a_cases:
+        names = ("full",) + tuple(LINES)
+        out = ["| task A tokens (cases) | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+        for lo, hi in zip(lengths_a, list(lengths_a[1:]) + [10 ** 9]):
+            sel = [r for c, r in a_cases if lo <= c.input_ids.shape[1] < hi]
+            if not sel:
+                continue
+            cells = [100.0 * sum(r[n if n == "full" else label(line_config(n, b_len))]["correct"] for r in sel) / len(sel)
+                     for n in names]
+            span = f"{lo}-{hi - 1}" if hi < 10 ** 9 else f">= {lo}"
+            out.append(f"| {span} ({len(sel)}) | "
+                       + " | ".join(_fmt(c, "acc") for c in cells) + " |")
+        by_length = f"\n## Task A accuracy (%) by prompt length, budget {b_len}\n\n" + "\n".join(out) + "\n"
+
+    checks = targets(summary, budgets, "csp") + targets(summary, budgets, "csp+pool")
     target_md = "\n".join(f"- [{'x' if ok else ' '}] {what}: {detail}" for what, ok, detail in checks)
     header = (f"# Quality: CSP vs baselines on {os.path.basename(path)}\n\n"
               f"{n_a} task-A cases (retrieval across segments, {min(lengths_a)}-{max(lengths_a)} tokens, "
               f"exact match), {n_b} task-B passages ({min(lengths_b)}-{max(lengths_b)} tokens + {CONTINUATION} "
-              f"teacher-forced; KL(full || pruned), top-1 agreement). Last prompt token held back: computed over "
-              f"the pruned cache. window = recent = {WINDOW} of the prompt for every policy; CSP rows of the main "
-              f"table use the library defaults (n={default.n:g}, decode_n={default.decode_n:g}, "
-              f"cross_ratio={default.cross_ratio}); CSP's n x decode_n x cross_ratio grid runs at budgets "
-              f"{', '.join(map(str, grid_a))} on task A and {', '.join(map(str, grid_b))} on task B only. {'QUICK SUBSET. ' if quick else ''}"
+              f"teacher-forced; KL(full || pruned), top-1 agreement). The last prompt token is held back and "
+              f"computed over the pruned cache. window = recent = {WINDOW} of the prompt for every policy. "
+              f"Line `csp` = the library defaults (n={default.n:g}, decode_n={default.decode_n:g}, "
+              f"cross_ratio={default.cross_ratio}, pool={default.pool}); `csp+pool` = the same with pool={POOL}. "
+              f"CSP's n x decode_n x cross_ratio x pool grid runs at budgets {', '.join(map(str, grid_a))} "
+              f"on task A and {', '.join(map(str, grid_b))} on task B only. {'QUICK SUBSET. ' if quick else ''}"
               f"Device: {device_description(torch.device('cpu'))}; ops: {backend}; load average at start "
-              f"{os.getloadavg()[0]:.1f}. Wall time: {total_s / 60:.1f} min "
-              f"(model load {loaded:.0f} s, sweep {sweep_s / 60:.1f} min).")
-    extra = (f"\n## Policies x budgets\n\n{pivot}\n\n## Targets\n\n{target_md}\n\n"
-             f"## CSP grid (budgets {', '.join(map(str, grid_budgets))})\n\n"
-             + table(grid_rows, ["budget", "n", "decode_n", "cross_ratio", "acc", "kl", "top1"])
+              f"{load_at_start:.1f}. Wall time: {total_s / 60:.1f} min (model load {loaded:.0f} s, "
+              f"sweep {sweep_s / 60:.1f} min).")
+    extra = (f"\n## Lines x budgets\n\n{pivot}\n{by_length}\n## Targets\n\n{target_md}\n\n"
+             f"## CSP grid (task A at budgets {', '.join(map(str, grid_a))}; task B at {', '.join(map(str, grid_b))})\n\n"
+             + table(grid_rows, ["budget", "pool", "n", "decode_n", "cross_ratio", "acc", "kl", "top1"])
              + "\n\n" + "\n".join(best_lines) + "\n")
     os.makedirs(args.out, exist_ok=True)
-    columns = ["policy", "budget", "n", "decode_n", "cross_ratio", "acc", "kl", "top1"]
-    write_results("quality", header, main_rows, columns, extra_md=extra, folder=args.out, extra_json={
+    columns = ["line", "budget", "acc", "kl", "top1"]
+    write_results("quality", header, [full_row] + line_rows, columns, extra_md=extra, folder=args.out, extra_json={
         "grid": grid_rows, "targets": [{"target": w, "holds": ok, "detail": d} for w, ok, d in checks],
-        "best": best_lines, "wall_s": total_s, "backend": backend, "quick": quick,
+        "best": best_lines, "wall_s": total_s, "phases_s": PHASES, "backend": backend, "quick": quick,
         "cases": [{"task": c.task, "tokens": c.input_ids.shape[1], "depth": round(c.depth, 3),
                    "answer": c.answer, "results": r} for c, r in zip(cases, per_case)],
     })
@@ -666,11 +700,6 @@ def main(argv=None) -> int:
         print(f"  {'HOLDS' if ok else 'MISSED'}  {what}: {detail}")
     print(f"\nwrote {args.out}/quality.{{md,json,png}} in {total_s / 60:.1f} min")
     return 0
-
-
-def label_is_default(row: dict) -> bool:
-    d = CSPConfig()
-    return (row.get("n") == d.n and row.get("decode_n") == d.decode_n and str(row.get("cross_ratio")) == str(d.cross_ratio))
 
 
 def _fmt(value, metric: str = "") -> str:

@@ -47,7 +47,7 @@ def test_config_wrong_type_names_the_field(field, value):
 
 def test_config_defaults_and_overrides():
     config = cspkv.CSPConfig()
-    assert (config.budget, config.window, config.recent, config.cross_ratio, config.n, config.decode_n) == (0.2, 0.1, None, 0.5, 1.0, 0.0)
+    assert (config.budget, config.window, config.recent, config.cross_ratio, config.n, config.decode_n) == (0.2, 0.1, None, 0.9, 1.0, 0.0)
     assert config.replace(layers=[3, 1]).layers == (1, 3)
     with pytest.raises(TypeError, match="no field 'budjet'"):
         config.replace(budjet=0.3)
