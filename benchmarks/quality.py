@@ -12,9 +12,10 @@ tokens, then 64 teacher-forced continuation tokens. Each passage is its own
 segment (modality = passage index). Metrics: mean KL(full || pruned) of the
 next-token distributions and top-1 agreement with the full cache.
 
-Lines: `csp` (library defaults), `csp+pool` (CSPConfig.pool = 15), snapkv,
-h2o, streaming, random, at budgets 0.1-0.5; CSP's n x decode_n x cross_ratio
-x pool grid at a subset of budgets.
+Lines: `csp` (library defaults, scores max-pooled over 15 keys), `csp pool=1`
+(the same unpooled, to show what pooling buys), snapkv, h2o, streaming,
+random, at budgets 0.1-0.5; CSP's n x decode_n x cross_ratio x pool grid at a
+subset of budgets.
 
 How a case runs. Pruning happens after each layer's prefill attention, so the
 prefill's hidden states, keys and queries do not depend on the policy: the
@@ -64,9 +65,9 @@ from common import RESULTS, device_description, write_results  # noqa: E402
 
 BASELINES = ("snapkv", "h2o", "streaming", "random")
 POLICIES = ("csp",) + BASELINES
-POOL = 15  # CSPConfig.pool of the "csp+pool" line (the demo's setting)
 # The lines of the main table and the plot: name -> CSPConfig fields besides window and budget.
-LINES = {"csp": {}, "csp+pool": {"pool": POOL}, **{name: {"policy": name} for name in BASELINES}}
+LINES = {"csp": {}, "csp pool=1": {"pool": 1}, **{name: {"policy": name} for name in BASELINES}}
+CSP_LINES = ("csp", "csp pool=1")  # the lines whose targets are checked
 INSTRUCTION, RECORDS, PROSE = 0, 1, 2
 CONTINUATION = 64
 ANSWER_TOKENS = 4  # a space and three digits
@@ -175,12 +176,10 @@ def continuation_case(tokenizer, passages, *, seed: int, prompt_tokens: int) -> 
 def label(config: Optional[CSPConfig]) -> str:
     if config is None:
         return "full"
-    if config.policy == "snapkv" and config.pool_kernel != CSPConfig.pool_kernel:
-        return f"snapkv b={config.budget} k={config.pool_kernel}"
     if config.policy != "csp":
-        return f"{config.policy} b={config.budget}"
-    text = f"csp b={config.budget} n={config.n:g} dn={config.decode_n:g} cr={config.cross_ratio}"
-    return text + (f" pool={config.pool}" if config.pool != 1 else "")
+        text = f"{config.policy} b={config.budget}"
+        return text + (f" pool={config.pool}" if config.pool is not None else "")
+    return f"csp b={config.budget} n={config.n:g} dn={config.decode_n:g} cr={config.cross_ratio} pool={config.pool_width}"
 
 
 def line_config(line: str, budget: float) -> CSPConfig:
@@ -199,7 +198,8 @@ def sweep(budgets: Sequence[float], grid_budgets: Sequence[float], grid: dict) -
                     for ratio in grid["cross_ratio"]:
                         configs.append(base.replace(budget=budget, n=float(n), decode_n=float(decode_n),
                                                     cross_ratio=ratio, pool=pool))
-    return list(dict.fromkeys(configs))
+    # One configuration per label: pool=None and pool=15 are the same CSP run.
+    return list({label(config): config for config in configs}.values())
 
 
 # ----------------------------------------------------------------------------- the model side
@@ -267,8 +267,8 @@ def prefill(model, case: Case) -> Prefill:
 
 def _score_key(config: CSPConfig) -> tuple:
     if config.policy == "csp":
-        return ("csp", config.n, config.window, config.pool)
-    return (config.policy, config.window, config.pool_kernel, config.sinks, config.seed)
+        return ("csp", config.n, config.window, config.pool_width)
+    return (config.policy, config.window, config.pool_width, config.sinks, config.seed)
 
 
 def pruned_kv(pre: Prefill, config: CSPConfig):
@@ -447,8 +447,8 @@ def parse_label(name: str) -> dict:
     row = {"policy": parts[0]}
     for part in parts[1:]:
         k, v = part.split("=")
-        key = {"b": "budget", "n": "n", "dn": "decode_n", "cr": "cross_ratio", "pool": "pool", "k": "pool_kernel"}[k]
-        row[key] = v if v == "auto" else (int(v) if key in ("pool", "pool_kernel") else float(v))
+        key = {"b": "budget", "n": "n", "dn": "decode_n", "cr": "cross_ratio", "pool": "pool"}[k]
+        row[key] = v if v == "auto" else (int(v) if key == "pool" else float(v))
     return row
 
 
@@ -474,6 +474,30 @@ def targets(summary: Dict[str, dict], budgets: Sequence[float], line: str = "csp
     return out
 
 
+def compact_cases(cases: List[Case], per_case: List[dict], configs: Dict[str, List[CSPConfig]],
+                  budgets: Sequence[float]) -> dict:
+    """Per-case results for the JSON, kept small: one label list per task and per case one value per label.
+
+    Task A: `correct` is a string of 0/1 in the order of `labels_A`, and the
+    answers of the main-table lines only; task B: `kl` (4 decimals) and `top1`
+    lists in the order of `labels_B`.
+    """
+    labels = {task: ["full"] + [label(c) for c in configs[task]] for task in ("A", "B")}
+    main = ["full"] + [label(line_config(line, b)) for b in budgets for line in LINES]
+    out = []
+    for case, results in zip(cases, per_case):
+        row = {"task": case.task, "tokens": case.input_ids.shape[1]}
+        names = labels[case.task]
+        if case.task == "A":
+            row.update(depth=round(case.depth, 3), answer=case.answer,
+                       correct="".join(str(int(results[n]["correct"])) for n in names),
+                       answers={n: results[n]["answer"] for n in main})
+        else:
+            row.update(kl=[round(results[n]["kl"], 4) for n in names], top1=[round(results[n]["top1"], 4) for n in names])
+        out.append(row)
+    return {"labels_A": labels["A"], "labels_B": labels["B"], "cases": out}
+
+
 def plot(summary: Dict[str, dict], budgets: Sequence[float], path: str, title: str) -> None:
     import matplotlib
 
@@ -487,7 +511,7 @@ def plot(summary: Dict[str, dict], budgets: Sequence[float], path: str, title: s
         for name in LINES:
             ys = [summary[label(line_config(name, b))].get(metric) for b in budgets]
             ax.plot(budgets, ys, marker="o", label=name, linewidth=2.2 if name.startswith("csp") else 1.4,
-                    linestyle=":" if name == "csp+pool" else "-")
+                    linestyle=":" if name == "csp pool=1" else "-")
         full = summary["full"].get(metric)
         if metric == "kl":
             ax.set_yscale("log")  # random is orders of magnitude above the rest; the full cache is 0
@@ -530,7 +554,7 @@ def main(argv=None) -> int:
     grid_b = tuple(args.grid_budgets_b or (0.2,))
     grid_budgets = tuple(sorted(set(grid_a) | set(grid_b)))
     grid = ({"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.5, "auto"), "pool": (1,)} if quick else
-            {"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.1, 0.5, 0.9, "auto"), "pool": (1, POOL)})
+            {"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.1, 0.5, 0.9, "auto"), "pool": (1, 15)})
     lengths_a = (1024,) if quick else (1024, 1536, 2048, 3072, 4096)
     lengths_b = (1024,) if quick else (1024, 1536, 2048)
 
@@ -601,8 +625,6 @@ def main(argv=None) -> int:
             line_rows.append(row)
     full_row = {"line": "full", **rows[0]}
     grid_rows = [r for r in rows if r["policy"] == "csp"]
-    for r in grid_rows:
-        r.setdefault("pool", 1)
 
     def table(selected, columns, metrics=("acc", "kl", "top1")):
         lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
@@ -664,7 +686,7 @@ def main(argv=None) -> int:
                        + " | ".join(_fmt(c, "acc") for c in cells) + " |")
         by_length = f"\n## Task A accuracy (%) by prompt length, budget {b_len}\n\n" + "\n".join(out) + "\n"
 
-    checks = targets(summary, budgets, "csp") + targets(summary, budgets, "csp+pool")
+    checks = [check for line in CSP_LINES for check in targets(summary, budgets, line)]
     target_md = "\n".join(f"- [{'x' if ok else ' '}] {what}: {detail}" for what, ok, detail in checks)
     header = (f"# Quality: CSP vs baselines on {os.path.basename(path)}\n\n"
               f"{n_a} task-A cases (retrieval across segments, {min(lengths_a)}-{max(lengths_a)} tokens, "
@@ -672,7 +694,8 @@ def main(argv=None) -> int:
               f"teacher-forced; KL(full || pruned), top-1 agreement). The last prompt token is held back and "
               f"computed over the pruned cache. window = recent = {WINDOW} of the prompt for every policy. "
               f"Line `csp` = the library defaults (n={default.n:g}, decode_n={default.decode_n:g}, "
-              f"cross_ratio={default.cross_ratio}, pool={default.pool}); `csp+pool` = the same with pool={POOL}. "
+              f"cross_ratio={default.cross_ratio}, pool={default.pool_width}); `csp pool=1` = the same without "
+              f"score pooling. "
               f"CSP's n x decode_n x cross_ratio x pool grid runs at budgets {', '.join(map(str, grid_a))} "
               f"on task A and {', '.join(map(str, grid_b))} on task B only. {'QUICK SUBSET. ' if quick else ''}"
               f"Device: {device_description(torch.device('cpu'))}; ops: {backend}; load average at start "
@@ -687,8 +710,7 @@ def main(argv=None) -> int:
     write_results("quality", header, [full_row] + line_rows, columns, extra_md=extra, folder=args.out, extra_json={
         "grid": grid_rows, "targets": [{"target": w, "holds": ok, "detail": d} for w, ok, d in checks],
         "best": best_lines, "wall_s": total_s, "phases_s": PHASES, "backend": backend, "quick": quick,
-        "cases": [{"task": c.task, "tokens": c.input_ids.shape[1], "depth": round(c.depth, 3),
-                   "answer": c.answer, "results": r} for c, r in zip(cases, per_case)],
+        **compact_cases(cases, per_case, configs, budgets),
     })
     plot(summary, budgets, os.path.join(args.out, "quality.png"),
          f"{os.path.basename(path)}: {n_a} retrieval cases, {n_b} continuation passages (window {WINDOW})")

@@ -23,20 +23,20 @@ from .config import CSPConfig
 
 
 def snapkv_ranking(q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *,
-                   scale: float, pool_kernel: int = 7) -> torch.Tensor:
+                   scale: float, pool: int = 7) -> torch.Tensor:
     """SnapKV: plain-softmax window attention, pooled along the keys.
 
     Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation"
     (2024, arXiv 2404.14469). The last W prompt queries attend to all keys with
     a plain softmax (``ops.window_scores`` with n = 0; self and cross mass summed,
     so modalities play no role), the mass each key gets is summed over the
-    window and the GQA group, then average-pooled along the key axis
-    (kernel `pool_kernel`, stride 1, zero padding counted, as in the reference
-    code) so that neighbours of a hit survive with it.
+    window and the GQA group, then average-pooled along the key axis (width
+    `pool`, from `CSPConfig.pool_width`; stride 1, zero padding counted, as in
+    the reference code) so that neighbours of a hit survive with it.
 
     Simplified: pooling runs over the whole row (the reference pools only the
     keys before the window; the recent window is kept anyway, so only the
-    ``pool_kernel // 2`` keys next to it can rank differently); GQA heads are
+    ``pool // 2`` keys next to it can rank differently); GQA heads are
     summed per KV head instead of repeating the KV heads; avg pooling only.
 
     Parameters
@@ -51,10 +51,10 @@ def snapkv_ranking(q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_m
     W = q_mod.shape[1]
     self_scores, cross_scores = ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=0.0)
     total = self_scores + cross_scores
-    if pool_kernel == 1:
+    if pool == 1:
         return total
     B, Hkv, L = total.shape
-    pooled = F.avg_pool1d(total.reshape(B * Hkv, 1, L), kernel_size=pool_kernel, stride=1, padding=pool_kernel // 2)
+    pooled = F.avg_pool1d(total.reshape(B * Hkv, 1, L), kernel_size=pool, stride=1, padding=pool // 2)
     return pooled.reshape(B, Hkv, L)
 
 
@@ -136,7 +136,7 @@ def ranking(config: CSPConfig, q: torch.Tensor, keys: torch.Tensor, q_mod: torch
     """The ranking float32 [B, Hkv, L] of the baseline `config.policy` (not "csp")."""
     heads = keys.shape[1]
     if config.policy == "snapkv":
-        return snapkv_ranking(q, keys, q_mod, k_mod, scale=scale, pool_kernel=config.pool_kernel)
+        return snapkv_ranking(q, keys, q_mod, k_mod, scale=scale, pool=config.pool_width)
     if config.policy == "h2o":
         return h2o_ranking(q, keys, k_mod, scale=scale)
     if config.policy == "streaming":

@@ -129,10 +129,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     full = timed_generate(model, case.input_ids, args.max_new_tokens)
     # The observation window is the question (the default 10% window would be
-    # mostly the last document looking at itself); pooling keeps the neighbours
-    # of strongly attended tokens, so a multi-token key survives whole.
+    # mostly the last document looking at itself); CSP's default score pooling
+    # keeps the neighbours of strongly attended tokens, so a multi-token key
+    # survives whole.
     settings = dict(budget=args.budget, cross_ratio=args.cross_ratio, window=case.question_tokens, pool=args.pool)
-    print("CSP settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + "; each document is its own modality\n")
+    shown = dict(settings, pool=cspkv.CSPConfig(**settings).pool_width)
+    print("CSP settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + "; each document is its own modality\n")
     with cspkv.patched(model, **settings) as handle:
         pruned = timed_generate(model, case.input_ids, args.max_new_tokens, case.segment_ids)
         stats = handle.stats()
@@ -231,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="a model directory or .gguf file instead of the embedded SmolLM2")
     demo.add_argument("--budget", type=_budget, default=0.2, help="fraction (float) or count (int) of prompt tokens kept")
     demo.add_argument("--cross-ratio", type=_ratio, default="auto", help="0..1 or auto")
-    demo.add_argument("--pool", type=int, default=15, help="CSP score pooling kernel (odd; 1 = off)")
+    demo.add_argument("--pool", type=int, default=None,
+                      help="CSP score max-pool width (odd; 1 = off; default: the library's, CSPConfig.pool)")
     demo.add_argument("--prompt-tokens", type=int, default=1500)
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)

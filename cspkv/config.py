@@ -18,6 +18,11 @@ Size = Union[float, int]
 #: Selection policies: CSP and the baselines of `cspkv.baselines`.
 POLICIES = ("csp", "snapkv", "h2o", "streaming", "random")
 
+#: `CSPConfig.pool` = None resolves to these widths; policies not listed do not pool.
+#: csp: max-pool, 15 = the best width of benchmarks/results/quality.md; snapkv:
+#: average pool, 7 as in SnapKV's paper.
+POOL_DEFAULTS = {"csp": 15, "snapkv": 7}
+
 
 def _fail(field: str, message: str, kind: type = ValueError) -> None:
     raise kind(f"CSPConfig.{field} {message}")
@@ -81,14 +86,17 @@ class CSPConfig:
         the same ops and cache machinery (see `cspkv.baselines`): ``"snapkv"``,
         ``"h2o"``, ``"streaming"``, ``"random"``. Baselines rank all tokens
         with one score (`cross_ratio` and `n` do not apply to them).
-    pool_kernel : odd int >= 1, default 7
-        ``"snapkv"`` only: width of the 1-D average pooling of the window scores.
-    pool : odd int >= 1, default 1 (off)
-        ``"csp"`` only: max-pool both scores over `pool` neighbouring keys
-        before selection (SnapKV-style clustering, not part of CSP as
-        published). A strongly attended token then keeps its neighbours, which
-        multi-token facts need: on SmolLM2 a 5-digit pass key keeps only its
-        first digit without it (see tests/test_smollm2.py).
+    pool : odd int >= 1 or None, default None (= the policy's default)
+        Width of the 1-D pooling of the scores along the keys (stride 1, the
+        length kept; 1 = no pooling), so the neighbours of a strongly attended
+        token rank with it. ``None`` takes the policy's default (see
+        `pool_width`): ``"csp"`` max-pools both scores over 15 keys (not part of
+        CSP as published; on the quality benchmark it lifts task A accuracy at
+        a 20% budget from 13% to 81%, the full cache's, see
+        benchmarks/results/quality.md: a multi-token fact otherwise keeps only
+        its first token); ``"snapkv"`` average-pools its window scores over 7
+        keys (SnapKV's paper). The other baselines do not pool: a `pool` other
+        than None raises a ValueError for them.
     sinks : int >= 0, default 4
         ``"streaming"`` only: the first `sinks` real tokens are always kept; the
         rest of the budget is the recent window.
@@ -110,10 +118,9 @@ class CSPConfig:
     min_prompt: int = 32
     layers: Optional[Tuple[int, ...]] = None
     policy: str = "csp"
-    pool_kernel: int = 7
+    pool: Optional[int] = None
     sinks: int = 4
     seed: int = 0
-    pool: int = 1
 
     def __post_init__(self) -> None:
         _check_size("budget", self.budget, allow_zero=False)
@@ -146,18 +153,26 @@ class CSPConfig:
             object.__setattr__(self, "layers", tuple(sorted(layers)))
         if self.policy not in POLICIES:
             _fail("policy", f"must be one of {', '.join(map(repr, POLICIES))}, got {self.policy!r}")
-        for field, low in (("pool_kernel", 1), ("sinks", 0), ("seed", 0)):
+        for field, low in (("sinks", 0), ("seed", 0)):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 _fail(field, f"must be an int >= {low}, got {value!r}", TypeError)
             if value < low:
                 _fail(field, f"must be an int >= {low}, got {value!r}")
-        if isinstance(self.pool, bool) or not isinstance(self.pool, int):
-            _fail("pool", f"must be an odd int >= 1, got {self.pool!r}", TypeError)
-        if self.pool < 1 or self.pool % 2 == 0:
-            _fail("pool", f"must be an odd int >= 1 (1 = no pooling), got {self.pool!r}")
-        if self.pool_kernel % 2 == 0:
-            _fail("pool_kernel", f"must be odd (pooling keeps the length), got {self.pool_kernel!r}")
+        if self.pool is not None:
+            if isinstance(self.pool, bool) or not isinstance(self.pool, int):
+                _fail("pool", f"must be an odd int >= 1 or None, got {self.pool!r}", TypeError)
+            if self.pool < 1 or self.pool % 2 == 0:
+                _fail("pool", f"must be an odd int >= 1 (1 = no pooling; pooling keeps the length) or None, "
+                      f"got {self.pool!r}")
+            if self.policy not in POOL_DEFAULTS:
+                _fail("pool", f"does not apply to policy {self.policy!r} (it does not pool its scores); "
+                      f"leave it None (pooling policies: {', '.join(map(repr, POOL_DEFAULTS))}), got {self.pool!r}")
+
+    @property
+    def pool_width(self) -> int:
+        """The pooling width in effect: `pool`, or the policy's default when None (1 = no pooling)."""
+        return self.pool if self.pool is not None else POOL_DEFAULTS.get(self.policy, 1)
 
     def replace(self, **overrides) -> "CSPConfig":
         """A copy with `overrides` applied (validated again); unknown names raise TypeError."""

@@ -155,12 +155,13 @@ def scores(config: CSPConfig, q: torch.Tensor, keys: torch.Tensor, q_mod: torch.
            scale: float, layer: int = 0):
     """(self_scores, cross_scores) float32 [B, Hkv, L] for `select` under `config.policy`.
 
-    CSP: `score` with n-softmax constant `config.n`. A baseline: its ranking as
+    CSP: `score` with n-softmax constant `config.n` and max-pool width
+    `config.pool_width`. A baseline: its ranking as
     the self score and zeros as the cross score (its plans have cross_ratio 0).
     `q` [B, H, Lq, D] holds the prefill's queries (all of them for "h2o").
     """
     if config.policy == "csp":
-        return score(q, keys, q_mod, k_mod, scale=scale, n=config.n, pool=config.pool)
+        return score(q, keys, q_mod, k_mod, scale=scale, n=config.n, pool=config.pool_width)
     ranking = baselines.ranking(config, q, keys, q_mod, k_mod, scale=scale, layer=layer)
     return ranking, torch.zeros_like(ranking)
 

@@ -31,7 +31,7 @@ from patch_models import CACHE_KW, FAMILIES, cache_layer_lengths, generate, prom
         ("n", -1.0), ("decode_n", math.inf),
         ("min_prompt", 0),
         ("layers", [-1]), ("layers", [1, 1]),
-        ("pool", 0), ("pool", 4),
+        ("pool", 0), ("pool", 4), ("pool", -1),
     ],
 )
 def test_config_out_of_range_names_the_field(field, value):
@@ -39,7 +39,8 @@ def test_config_out_of_range_names_the_field(field, value):
         cspkv.CSPConfig(**{field: value})
 
 
-@pytest.mark.parametrize("field, value", [("budget", "20%"), ("budget", True), ("cross_ratio", None), ("min_prompt", 2.5), ("layers", 3)])
+@pytest.mark.parametrize("field, value", [("budget", "20%"), ("budget", True), ("cross_ratio", None), ("min_prompt", 2.5), ("layers", 3),
+                                          ("pool", 15.0), ("pool", True)])
 def test_config_wrong_type_names_the_field(field, value):
     with pytest.raises(TypeError, match=f"CSPConfig.{field} "):
         cspkv.CSPConfig(**{field: value})
@@ -48,6 +49,7 @@ def test_config_wrong_type_names_the_field(field, value):
 def test_config_defaults_and_overrides():
     config = cspkv.CSPConfig()
     assert (config.budget, config.window, config.recent, config.cross_ratio, config.n, config.decode_n) == (0.2, 0.1, None, 0.9, 1.0, 0.0)
+    assert (config.pool, config.pool_width) == (None, 15)
     assert config.replace(layers=[3, 1]).layers == (1, 3)
     with pytest.raises(TypeError, match="no field 'budjet'"):
         config.replace(budjet=0.3)
@@ -58,6 +60,8 @@ def test_config_defaults_and_overrides():
         cspkv.patch(model, budjet=0.3)
     with pytest.raises(ValueError, match=r"CSPConfig.layers names layers \[5\]"):
         cspkv.patch(model, layers=[5])
+    with pytest.raises(ValueError, match="CSPConfig.pool does not apply to policy 'streaming'"):
+        cspkv.patch(model, policy="streaming", pool=15)
     assert not hasattr(model, "_cspkv_handle")
 
 

@@ -65,6 +65,12 @@ def test_score_pooling_spreads_a_peak_to_its_neighbours():
     for a, b in zip(plain, pooled):
         expected = torch.stack([a[..., max(0, j - 2): j + 3].amax(-1) for j in range(20)], dim=-1)
         assert torch.equal(b, expected)
+    # CSPConfig.pool: None = CSP's default width 15, 1 = off.
+    by_default = policy.scores(CSPConfig(), q, keys, q_mod, k_mod, scale=0.35)
+    for a, b in zip(by_default, policy.score(q, keys, q_mod, k_mod, scale=0.35, n=1.0, pool=15)):
+        assert torch.equal(a, b)
+    for a, b in zip(policy.scores(CSPConfig(pool=1), q, keys, q_mod, k_mod, scale=0.35), plain):
+        assert torch.equal(a, b)
 
 
 @settings(max_examples=25, deadline=None)

@@ -58,16 +58,31 @@ def test_config_validates_the_policy_fields():
     assert CSPConfig().policy == "csp" and set(POLICIES) == {"csp", "snapkv", "h2o", "streaming", "random"}
     with pytest.raises(ValueError, match="CSPConfig.policy"):
         CSPConfig(policy="snap")
-    with pytest.raises(ValueError, match="CSPConfig.pool_kernel.*odd"):
-        CSPConfig(pool_kernel=4)
-    with pytest.raises(ValueError, match="CSPConfig.pool_kernel"):
-        CSPConfig(pool_kernel=0)
+    with pytest.raises(ValueError, match="CSPConfig.pool .*odd"):
+        CSPConfig(policy="snapkv", pool=4)
+    with pytest.raises(ValueError, match="CSPConfig.pool "):
+        CSPConfig(policy="snapkv", pool=0)
     with pytest.raises(ValueError, match="CSPConfig.sinks"):
         CSPConfig(sinks=-1)
     with pytest.raises(TypeError, match="CSPConfig.seed"):
         CSPConfig(seed=1.5)
     with pytest.raises(TypeError, match="CSPConfig.sinks"):
         CSPConfig(sinks=True)
+
+
+def test_pool_defaults_per_policy_and_no_pool_for_the_others():
+    assert CSPConfig().pool is None and CSPConfig().pool_width == 15
+    assert CSPConfig(policy="snapkv").pool_width == 7
+    assert CSPConfig(pool=1).pool_width == 1 and CSPConfig(policy="snapkv", pool=3).pool_width == 3
+    for name in ("h2o", "streaming", "random"):
+        assert CSPConfig(policy=name).pool_width == 1
+        for value in (1, 5):
+            with pytest.raises(ValueError, match=f"CSPConfig.pool does not apply to policy '{name}'"):
+                CSPConfig(policy=name, pool=value)
+    with pytest.raises(ValueError, match="CSPConfig.pool does not apply to policy 'h2o'"):
+        CSPConfig(pool=15).replace(policy="h2o")
+    with pytest.raises(TypeError, match="CSPConfig.pool "):
+        CSPConfig(pool=True)
 
 
 def test_baseline_plans_use_one_ranking():
@@ -96,11 +111,11 @@ def test_streaming_keeps_the_first_sinks_real_tokens_and_the_recent_ones():
         assert idx[1, h].tolist() == [7, 8, 9] + list(range(41, 50))
 
 
-def test_snapkv_with_kernel_1_is_the_top_k_of_summed_plain_softmax_window_scores():
+def test_snapkv_with_pool_1_is_the_top_k_of_summed_plain_softmax_window_scores():
     L, W, budget, recent = 60, 6, 20, 6
     q, keys = _qk(L=L, seed=1)
     k_mod = torch.tensor([[0] * 20 + [1] * 30 + [0] * 10])  # modalities must not matter
-    config = CSPConfig(policy="snapkv", pool_kernel=1, budget=budget, window=W, recent=recent, min_prompt=1)
+    config = CSPConfig(policy="snapkv", pool=1, budget=budget, window=W, recent=recent, min_prompt=1)
     (idx, _), _ = _keep(config, q, keys, k_mod)
     mass = _causal_softmax_mass(q, keys, L - W)
     for h in range(2):
@@ -112,8 +127,8 @@ def test_snapkv_pools_its_scores():
     L, W = 60, 6
     q, keys = _qk(L=L, seed=2)
     k_mod = torch.zeros(1, L, dtype=torch.long)
-    raw = baselines.snapkv_ranking(q, keys, k_mod[:, -W:], k_mod, scale=0.25, pool_kernel=1)
-    pooled = baselines.snapkv_ranking(q, keys, k_mod[:, -W:], k_mod, scale=0.25, pool_kernel=5)
+    raw = baselines.snapkv_ranking(q, keys, k_mod[:, -W:], k_mod, scale=0.25, pool=1)
+    pooled = baselines.snapkv_ranking(q, keys, k_mod[:, -W:], k_mod, scale=0.25, pool=5)
     padded = torch.nn.functional.pad(raw, (2, 2))
     expected = sum(padded[..., i:i + L] for i in range(5)) / 5
     torch.testing.assert_close(pooled, expected)
@@ -242,3 +257,5 @@ def test_quality_benchmark_quick(tmp_path):
     for ext in ("md", "json", "png"):
         assert (tmp_path / f"quality.{ext}").stat().st_size > 0
     assert "equivalence check: ok" in result.stdout
+    report = (tmp_path / "quality.md").read_text()
+    assert "| csp pool=1 |" in report and "| csp |" in report  # the default (pooled) and the unpooled CSP lines
