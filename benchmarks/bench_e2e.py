@@ -38,8 +38,14 @@ from cspkv.cli import kv_nbytes, load_causal_lm, smollm2_gguf  # noqa: E402
 BUDGETS = [None, 0.1, 0.2, 0.5]  # None = full cache
 
 
-def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: torch.device) -> dict:
-    """Prefill + greedy decode with a hand-written loop (so prefill and decode are timed apart)."""
+def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: torch.device, *,
+            warmup: bool = True) -> dict:
+    """Prefill + greedy decode with a hand-written loop (so prefill and decode are timed apart).
+
+    On GPU a warm-up run precedes the timed one unless `warmup` is False; on CPU
+    there is one run (each configuration has its own process, whose peak RSS must
+    be this run's). Only the last position's logits are computed.
+    """
     from transformers import DynamicCache
 
     def sync():
@@ -48,14 +54,14 @@ def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: t
 
     handle = cspkv.patch(model, budget=budget) if budget is not None else None
     try:
-        for attempt in ("warmup", "timed"):
+        for _ in range(2 if warmup and device.type == "cuda" else 1):
             cache = DynamicCache()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync()
             start = time.perf_counter()
             with torch.inference_mode(), (cspkv.modalities(model, segment_ids) if handle else contextlib.nullcontext()):
-                logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
                 token = logits.argmax(-1, keepdim=True)
                 sync()
                 prefill = time.perf_counter() - start
@@ -64,8 +70,6 @@ def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: t
                     token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
                 sync()
                 decode = (time.perf_counter() - start) / decode_tokens
-            if attempt == "warmup" and device.type == "cpu":
-                break  # one run per subprocess on CPU: the peak RSS must be this run's
         result = {"budget": budget or 1.0, "policy": "csp" if budget else "full", "batch": input_ids.shape[0],
                   "prompt": input_ids.shape[1], "ttft_ms": 1e3 * prefill, "decode_ms_per_token": 1e3 * decode,
                   "kv_MiB": kv_nbytes(cache) / 2**20}
@@ -113,12 +117,17 @@ def llava_lm(device: torch.device):
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32064, max_position_embeddings=32768,
                          attn_implementation="sdpa")
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # initialise in bf16 directly: no 27 GB float32 copy
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     return model.eval()
 
 
-def run_gpu(device: torch.device, quick: bool):
+def run_gpu(device: torch.device, quick: bool, kv_memory_gib: float):
     model = llava_lm(device)
     rows = []
     configs = [(L, B, b) for L in ([4096] if quick else [4096, 16384]) for B in (1, 8) for b in BUDGETS]
@@ -131,17 +140,25 @@ def run_gpu(device: torch.device, quick: bool):
             rows.append({"budget": b or 1.0, "policy": "csp" if b else "full", "batch": B, "prompt": L,
                          "ttft_ms": "OOM"})
         torch.cuda.empty_cache()
+    # Fixed memory for the batch search: the weights plus `kv_memory_gib` for the caches and activations.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    weights = torch.cuda.memory_allocated(index)
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (weights + kv_memory_gib * 2**30) / total), index)
     for b in (None, 0.2):
         rows.append(max_batch(model, 4096, b, device))
+        rows[-1]["memory_GiB"] = kv_memory_gib
+    torch.cuda.set_per_process_memory_fraction(1.0, index)
     return rows
 
 
 def max_batch(model, L: int, budget, device: torch.device) -> dict:
-    """Largest batch whose prefill + 32 decode steps fit, by doubling then bisection."""
+    """Largest batch whose prefill + 4 decode steps fit, by doubling then bisection; then timed at that batch."""
     def fits(B):
         try:
             ids = torch.randint(0, 32000, (B, L), device=device)
-            measure(model, ids, torch.zeros_like(ids), budget, 4, device)
+            seg = (torch.rand(B, L, device=device) < 0.5).long()
+            measure(model, ids, seg, budget, 4, device, warmup=False)
             return True
         except torch.OutOfMemoryError:
             return False
@@ -154,8 +171,11 @@ def max_batch(model, L: int, budget, device: torch.device) -> dict:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    if lo == 0:
+        return {"budget": budget or 1.0, "policy": "csp" if budget else "full", "batch": 0, "prompt": L,
+                "ttft_ms": "OOM", "max_batch": 0}
     ids = torch.randint(0, 32000, (lo, L), device=device)
-    row = measure(model, ids, torch.zeros_like(ids), budget, 32, device)
+    row = measure(model, ids, (torch.rand(lo, L, device=device) < 0.5).long(), budget, 32, device)
     row["max_batch"] = lo
     row["tokens_per_s"] = lo * 1e3 / row["decode_ms_per_token"]
     return row
@@ -227,6 +247,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--kv-memory-gib", type=float, default=24.0,
+                        help="GPU: memory beyond the weights for the max-batch search (default 24)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one CPU configuration as JSON
     args = parser.parse_args()
     if args.one:
@@ -234,17 +256,18 @@ def main() -> int:
         print(json.dumps(cpu_one(L, budget, decode_tokens)))
         return 0
     device = torch.device(args.device)
-    rows = run_cpu(args.quick) if device.type == "cpu" else run_gpu(device, args.quick)
+    rows = run_cpu(args.quick) if device.type == "cpu" else run_gpu(device, args.quick, args.kv_memory_gib)
     label = common.device_label(device)
     stem = f"e2e-{label}" + ("-quick" if args.quick else "")
     what = ("SmolLM2-135M-Instruct (real weights), sdpa, float32, batch 1, pass-key prompt with document "
             "segments as modalities" if device.type == "cpu" else
-            "random-init LLaVA-1.5-7B language model shape, bfloat16, sdpa")
+            "random-init LLaVA-1.5-7B language model shape, bfloat16, sdpa, random tokens with a random 50/50 "
+            f"two-modality split; max batch at 4k tokens within the weights + {args.kv_memory_gib:g} GiB")
     header = f"# cspkv end to end on {common.device_description(device)}\n\n{what}; decode = greedy, 32 tokens."
     checks = targets(rows, device)
     extra = "\n## Targets\n\n" + "\n".join(f"- {'HOLDS' if ok else 'MISSED'}: {text}" for text, ok in checks) + "\n"
     columns = ["policy", "budget", "prompt", "batch", "ttft_ms", "decode_ms_per_token", "kv_MiB", "peak_MiB",
-               "max_batch", "tokens_per_s"]
+               "max_batch", "tokens_per_s", "memory_GiB"]
     table = common.write_results(stem, header, rows, columns, extra)
     plot(rows, os.path.join(common.RESULTS, stem + ".png"), common.device_description(device))
     print(header + "\n\n" + table + extra)

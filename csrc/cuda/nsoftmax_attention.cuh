@@ -128,10 +128,13 @@ __global__ void __launch_bounds__(attention::kThreads)
 
   for (int j0 = j_begin; j0 < j_end; j0 += kTileKeys) {
     __syncthreads();  // k_s, v_s and p_s of the previous tile are no longer read
+    // Dead slots load as zeros: their probability is 0, and 0 * NaN would be NaN.
     const auto kv_row = [&](const scalar_t* base, int64_t stride_b, int64_t stride_h, int64_t stride_l) {
       return [=](int i) -> const scalar_t* {
         const int j = j0 + i;
-        return j < j_end ? base + b * stride_b + hkv * stride_h + j * stride_l : nullptr;
+        const bool live = j < j_end && (p.kv_valid == nullptr ||
+                                        p.kv_valid[b * p.valid_stride_b + hkv * p.valid_stride_h + j * p.valid_stride_l]);
+        return live ? base + b * stride_b + hkv * stride_h + j * stride_l : nullptr;
       };
     };
     load_rows_to_shared<kThreads, scalar_t>(k_s, p.padded_d + 1, kTileKeys, p.D, p.padded_d, p.k_vec16,
