@@ -92,7 +92,7 @@ class CSPConfig:
         token rank with it. ``None`` takes the policy's default (see
         `pool_width`): ``"csp"`` max-pools both scores over 15 keys (not part of
         CSP as published; on the quality benchmark it lifts task A accuracy at
-        a 20% budget from 13% to 81%, the full cache's, see
+        a 20% budget from 26% to 81%, the full cache's, see
         benchmarks/results/quality.md: a multi-token fact otherwise keeps only
         its first token); ``"snapkv"`` average-pools its window scores over 7
         keys (SnapKV's paper). The other baselines do not pool: a `pool` other
