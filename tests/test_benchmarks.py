@@ -1,0 +1,66 @@
+"""The benchmark and profiling scripts run (CPU, smoke sizes), so they cannot rot between GPU sessions.
+
+benchmarks/quality.py --quick is exercised by tests/test_policies.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+import ncu_summary  # noqa: E402
+
+
+def run_script(name, *args, timeout=900):
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT)  # a hang guard, not a speed check
+    assert out.returncode == 0, f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def test_bench_ops_quick_writes_its_results(tmp_path, extension):
+    stdout = run_script("bench_ops.py", "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path))
+    (json_file,) = tmp_path.glob("ops-cpu-*-quick.json")
+    rows = json.loads(json_file.read_text())["rows"]
+    assert [r["op"] for r in rows][:4] == ["window_scores", "select_keep", "compact_kv", "nsoftmax_attention (decode)"]
+    assert all(r["kernel_ms"] > 0 for r in rows)
+    assert "## Targets" in stdout and "CPU compact_kv" in stdout
+
+
+@pytest.mark.slow
+def test_bench_e2e_quick_measures_full_and_pruned(tmp_path, extension):
+    stdout = run_script("bench_e2e.py", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    (json_file,) = tmp_path.glob("e2e-cpu-*-quick.json")
+    full, csp = json.loads(json_file.read_text())["rows"]
+    assert (full["policy"], csp["policy"], csp["budget"]) == ("full", "csp", 0.2)
+    assert csp["kv_MiB"] < 0.3 * full["kv_MiB"]  # 20% of the keys kept in every layer
+    assert full["peak_MiB"] >= full["kv_MiB"] > 0  # the full cache is live at the peak
+    assert (tmp_path / json_file.name.replace(".json", ".png")).stat().st_size > 0
+    assert "time to first token" in stdout
+
+
+def test_profile_ops_runs_every_op(extension):
+    stdout = run_script("profile_ops.py", "--device", "cpu", timeout=300)
+    assert stdout.split() == [w for op in ("window_scores", "select_keep", "compact_kv", "nsoftmax_attention")
+                              for w in ("profile_ops:", "ran", op)]
+
+
+def test_ncu_summary_reads_a_real_report():
+    with open(os.path.join(ROOT, "tests", "data", "ncu_details_h200.txt")) as f:
+        kernels = ncu_summary.parse(f.read())
+    assert [k["kernel"] for k in kernels] == ["window_row_stats_kernel", "select_keep_kernel"]
+    stats, select = kernels
+    assert stats["launch"] == "(359x1x4)x(256x1x1)"
+    assert stats["Duration"] == pytest.approx(13910.0)  # 13.91 ms, in us
+    assert stats["Registers Per Thread"] == 75 and stats["Achieved Occupancy"] == pytest.approx(35.2)
+    assert ncu_summary.limiter(stats).startswith("L1/shared throughput")
+    assert select["Duration"] == pytest.approx(174.53)
+    assert ncu_summary.limiter(select).startswith("too few blocks")
+    table = ncu_summary.table(kernels)
+    assert table.count("\n") == 3 and "| select_keep_kernel | (32x1x1)x(512x1x1) | 174.5 |" in table
