@@ -101,6 +101,23 @@ def cuda_arch_list() -> str:
     return DEFAULT_ARCHS
 
 
+def openmp_flags() -> list:
+    """-fopenmp for the host code when torch parallelises with OpenMP (GCC on Linux).
+
+    at::parallel_for is a header template: its threads exist only in code
+    compiled with OpenMP, and without the flag every CPU kernel runs on one
+    thread. No libgomp is linked here: the GOMP symbols bind at load time to the
+    OpenMP runtime torch has already loaded, so there is one thread pool and
+    torch.set_num_threads governs the kernels too.
+    """
+    import torch
+
+    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
+        log("torch does not parallelise with OpenMP here: the CPU kernels run on one thread")
+        return []
+    return ["-fopenmp"]
+
+
 def extensions():
     with_cuda, cuda_home = decide_cuda()
     if with_cuda:
@@ -111,7 +128,7 @@ def extensions():
     debug = os.environ.get("CSPKV_DEBUG", "0") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++20", "-fopenmp-simd", f'-DCSPKV_TORCH_VERSION="{torch.__version__}"']
+    cxx += ["-std=c++20", "-fopenmp-simd", *openmp_flags(), f'-DCSPKV_TORCH_VERSION="{torch.__version__}"']
     if not with_cuda:
         return [CppExtension("cspkv._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx})]
 

@@ -48,6 +48,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"CUDA kernels: yes (CUDA {info['cuda_version']}, archs {info['cuda_archs']})")
     else:
         print("CUDA kernels: no (CPU kernels only)")
+    threads = ops.cpu_threads()
+    note = "" if threads == torch.get_num_threads() else f", not torch's {torch.get_num_threads()}: built without OpenMP"
+    print(f"CPU kernels: {threads} thread{'s' if threads > 1 else ''}{note}")
     rows = []
     for name in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("cspkv::")):
         keys = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]

@@ -52,6 +52,13 @@ def build_info() -> dict:
     return dict(ext.build_info()) if ext is not None else {}
 
 
+def cpu_threads() -> int:
+    """Threads the CPU kernels run on now: torch.get_num_threads(), or 1 if the
+    extension was built without OpenMP; 0 without the extension."""
+    ext = extension()
+    return int(ext.parallel_threads()) if ext is not None else 0
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _state["warned"]:
         _state["warned"].add(key)

@@ -1,7 +1,10 @@
 // One extension, cspkv._C: the op schemas (each backend file registers its own
 // implementation with TORCH_LIBRARY_IMPL) and a pybind11 module with build info.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #ifndef CSPKV_CUDA_ARCHS
 #define CSPKV_CUDA_ARCHS ""
@@ -40,4 +43,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["torch_version"] = std::string(CSPKV_TORCH_VERSION);
     return info;
   }, "How this extension was built: with_cuda, cuda_archs, cuda_version, torch_version.");
+  m.def("parallel_threads", []() {
+    // The chunks at::parallel_for cuts torch's thread count worth of items into:
+    // one per thread when this code was compiled with OpenMP, one in all without.
+    const int64_t threads = at::get_num_threads();
+    std::atomic<int64_t> chunks{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { ++chunks; });
+    return chunks.load();
+  }, "Threads the CPU kernels' at::parallel_for runs on (torch.get_num_threads() unless built without OpenMP).");
 }

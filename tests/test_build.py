@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.abc
 import inspect
+import os
 import subprocess
 import sys
 import types
@@ -26,6 +27,19 @@ def test_build_info(extension):
     assert info["torch_version"] == torch.__version__, "the extension must be built against the torch that runs it"
     if info["with_cuda"]:
         assert info["cuda_archs"] and info["cuda_version"] == torch.version.cuda, info
+
+
+def test_cpu_kernels_use_torchs_threads(extension):
+    """at::parallel_for only forks in code compiled with OpenMP, bound to torch's runtime
+    (a build without it ran every CPU kernel on one thread; a second runtime would ignore
+    torch.set_num_threads)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, os.cpu_count() or 1)}):
+            torch.set_num_threads(threads)
+            assert cspkv.ops.cpu_threads() == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", OPS)
