@@ -1,9 +1,14 @@
-"""Loads the CMake-built library (not cspkv._C) and checks each op against the reference once."""
+"""Loads the CMake-built library (not cspkv._C), checks each op against the reference once
+and that its CPU kernels run on torch's threads (built with OpenMP)."""
+import importlib.util
 import sys
 
 import torch
 
-torch.ops.load_library(sys.argv[1])
+spec = importlib.util.spec_from_file_location("_C", sys.argv[1])  # a Python module named _C, as CMake builds it
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)  # registers the ops too
+assert ext.parallel_threads() == torch.get_num_threads(), (ext.parallel_threads(), torch.get_num_threads())
 from cspkv import reference  # noqa: E402  (the reference never loads cspkv._C)
 
 torch.manual_seed(0)

@@ -41,6 +41,7 @@ def test_bench_e2e_quick_measures_full_and_pruned(tmp_path, extension):
     assert (full["policy"], csp["policy"], csp["budget"]) == ("full", "csp", 0.2)
     assert csp["kv_MiB"] < 0.3 * full["kv_MiB"]  # 20% of the keys kept in every layer
     assert full["peak_MiB"] >= full["kv_MiB"] > 0  # the full cache is live at the peak
+    assert "prune_ms" not in full and 0 < csp["prune_ms"] < csp["ttft_ms"]
     assert (tmp_path / json_file.name.replace(".json", ".png")).stat().st_size > 0
     assert "time to first token" in stdout
 
