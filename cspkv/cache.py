@@ -186,9 +186,13 @@ def compact(
     Dead slots may hold the K/V of padding positions, which can be NaN after a
     fully-masked padding row; attention gives them probability 0, but 0 * NaN
     would still poison the output.
+
+    keep_idx comes from `select_keep`, so its values go unchecked; on a GPU
+    the dead slots are zeroed unconditionally: asking whether there are any
+    would wait for the GPU once per layer.
     """
-    keys_c, values_c = ops.compact_kv(keys, values, keep_idx)
-    if not bool(keep_valid.all()):
+    keys_c, values_c = ops.compact_kv(keys, values, keep_idx, check_indices=False)
+    if keys.device.type != "cpu" or not bool(keep_valid.all()):
         dead = ~keep_valid[..., None]
         keys_c.masked_fill_(dead, 0)
         values_c.masked_fill_(dead, 0)

@@ -102,7 +102,7 @@ def select_keep_args(self_scores, cross_scores, k_mod, budget, recent, cross_rat
         _fail(op, f"cross_ratio must be a number in [0, 1], got {cross_ratio!r}")
 
 
-def compact_kv_args(keys, values, keep_idx) -> None:
+def compact_kv_args(keys, values, keep_idx, check_indices: bool = True) -> None:
     op = "compact_kv"
     tensor(op, "keys", keys, 4, "[B, Hkv, L, D]", FLOAT_DTYPES)
     tensor(op, "values", values, 4, "[B, Hkv, L, Dv]", FLOAT_DTYPES)
@@ -117,6 +117,10 @@ def compact_kv_args(keys, values, keep_idx) -> None:
     K = keep_idx.shape[2]
     if K > L:
         _fail(op, f"keep_idx keeps K={K} tokens, more than the key length L={L}")
+    if not isinstance(check_indices, bool):
+        _fail(op, f"check_indices must be a bool, got {check_indices!r}", TypeError)
+    if not check_indices:
+        return
     lo, hi = int(keep_idx.min()), int(keep_idx.max())
     if lo < 0 or hi >= L:
         _fail(op, f"keep_idx values must lie in [0, L={L}), got values in [{lo}, {hi}]", IndexError)

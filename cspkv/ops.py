@@ -111,11 +111,15 @@ def select_keep(
     return reference.select_keep(self_scores, cross_scores, k_mod, budget=budget, recent=recent, cross_ratio=cross_ratio)
 
 
-def compact_kv(keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def compact_kv(
+    keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor, *, check_indices: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gather of the kept tokens; see `cspkv.reference.compact_kv`."""
     if isinstance(keys, torch.Tensor) and backend(keys.device) == "kernel":
-        return torch.ops.cspkv.compact_kv.default(keys, values, keep_idx)
-    return reference.compact_kv(keys, values, keep_idx)
+        if not isinstance(check_indices, bool):
+            raise TypeError(f"cspkv.compact_kv: check_indices must be a bool, got {check_indices!r}")
+        return torch.ops.cspkv.compact_kv.default(keys, values, keep_idx, check_indices=check_indices)
+    return reference.compact_kv(keys, values, keep_idx, check_indices=check_indices)
 
 
 def nsoftmax_attention(
@@ -154,7 +158,7 @@ def _register_fakes() -> None:
         )
 
     @torch.library.register_fake("cspkv::compact_kv")
-    def _(keys, values, keep_idx):
+    def _(keys, values, keep_idx, *, check_indices=True):
         checks.same_device("compact_kv", keys=keys, values=values, keep_idx=keep_idx)
         B, Hkv, K = keep_idx.shape
         return keys.new_empty((B, Hkv, K, keys.shape[3])), values.new_empty((B, Hkv, K, values.shape[3]))

@@ -177,7 +177,7 @@ def select_keep(
 
 
 def compact_kv(
-    keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor
+    keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor, *, check_indices: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gather the kept tokens into a new, smaller cache.
 
@@ -186,6 +186,11 @@ def compact_kv(
     keys : [B, Hkv, L, D] float tensor.
     values : [B, Hkv, L, Dv] float tensor, dtype of keys.
     keep_idx : int64 [B, Hkv, K], strictly ascending, values in [0, L).
+    check_indices : validate the values of keep_idx (range, order) and raise
+        on a bad one. Checking needs the data: on a GPU it waits for it (a
+        device sync). False vouches for keep_idx, as the pruning path does
+        for `select_keep`'s output; a bad index is then not reported: the
+        CUDA kernel writes zeros for its row, the CPU kernel still raises.
 
     Returns
     -------
@@ -199,7 +204,7 @@ def compact_kv(
     >>> torch.equal(ko[0, 0], k[0, 0, [1, 3]])
     True
     """
-    checks.compact_kv_args(keys, values, keep_idx)
+    checks.compact_kv_args(keys, values, keep_idx, check_indices)
     idx = keep_idx[..., None]
     keys_out = keys.gather(2, idx.expand(-1, -1, -1, keys.shape[3]))
     values_out = values.gather(2, idx.expand(-1, -1, -1, values.shape[3]))

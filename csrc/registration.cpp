@@ -23,7 +23,9 @@ TORCH_LIBRARY(cspkv, m) {
   m.def(
       "select_keep(Tensor self_scores, Tensor cross_scores, Tensor k_mod, *, int budget, int recent,"
       " float cross_ratio) -> (Tensor keep_idx, Tensor keep_valid)");
-  m.def("compact_kv(Tensor keys, Tensor values, Tensor keep_idx) -> (Tensor keys_out, Tensor values_out)");
+  m.def(
+      "compact_kv(Tensor keys, Tensor values, Tensor keep_idx, *, bool check_indices=True)"
+      " -> (Tensor keys_out, Tensor values_out)");
   m.def(
       "nsoftmax_attention(Tensor q, Tensor keys, Tensor values, *, float scale, float n=0.0,"
       " Tensor? kv_valid=None) -> Tensor");

@@ -123,6 +123,7 @@ CASES = [
     Bad("compact_kv", "empty-keys", lambda a, other: dict(keys=a["keys"][..., :0]), V, ("keys",)),
     Bad("compact_kv", "keep_idx-on-other-device", lambda a, other: dict(keep_idx=a["keep_idx"].to(other)), V, ("keep_idx",)),
     Bad("compact_kv", "values-on-other-device", lambda a, other: dict(values=a["values"].to(other)), V, ("values",)),
+    Bad("compact_kv", "check_indices-int", lambda a, other: dict(check_indices=1), T, ("check_indices",)),
     # -------------------------------------------------- nsoftmax_attention
     Bad("nsoftmax_attention", "q-rank3", lambda a, other: dict(q=a["q"][0]), V, ("q",)),
     Bad("nsoftmax_attention", "keys-rank5", lambda a, other: dict(keys=a["keys"][None]), V, ("keys",)),

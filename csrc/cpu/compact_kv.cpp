@@ -38,8 +38,10 @@ void gather_rows(const at::Tensor& src,  // [B, Hkv, L, cols], any strides
   });
 }
 
+// check_indices is ignored: on the CPU the value checks cost no device sync,
+// so keep_idx is always validated (a bad index would read out of bounds).
 std::tuple<at::Tensor, at::Tensor> compact_kv_cpu(const at::Tensor& keys, const at::Tensor& values,
-                                                  const at::Tensor& keep_idx) {
+                                                  const at::Tensor& keep_idx, bool /*check_indices*/) {
   check_compact_kv(keys, values, keep_idx);
   check_keep_idx_values_cpu(keep_idx, keys.size(2));
   const at::Tensor idx = keep_idx.contiguous();

@@ -1,6 +1,7 @@
 // CUDA binding of cspkv::compact_kv: checks, word size choice per tensor,
-// device guard, launches (kernel in compact_kv.cuh), then the keep_idx value
-// check the kernel recorded. Dtype-agnostic: a copy moves bytes.
+// device guard, launches (kernel in compact_kv.cuh), then, with
+// check_indices, the keep_idx value check the kernel recorded (reading it back
+// waits for the GPU). Dtype-agnostic: a copy moves bytes.
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -37,7 +38,7 @@ int64_t word_bytes(const at::Tensor& t) {
 }
 
 template <typename VecT>
-void launch_compact(const at::Tensor& src, int64_t word, const at::Tensor& keep_idx, at::Tensor& dst, at::Tensor& error_flag,
+void launch_compact(const at::Tensor& src, int64_t word, const at::Tensor& keep_idx, at::Tensor& dst, int* error_flag,
                     cudaStream_t stream) {
   const int64_t elem = src.element_size();
   const int64_t B = src.size(0), Hkv = src.size(1), L = src.size(2), K = keep_idx.size(2);
@@ -54,11 +55,11 @@ void launch_compact(const at::Tensor& src, int64_t word, const at::Tensor& keep_
   compact_rows_kernel<VecT><<<grid, block, 0, stream>>>(
       reinterpret_cast<const VecT*>(src.data_ptr()), src.stride(0) / per_word, src.stride(1) / per_word,
       src.stride(2) / per_word, s_v, keep_idx.data_ptr<int64_t>(), reinterpret_cast<VecT*>(dst.data_ptr()),
-      static_cast<int>(Hkv), L, K, nvec, error_flag.data_ptr<int>());
+      static_cast<int>(Hkv), L, K, nvec, error_flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void compact_one(const at::Tensor& src, const at::Tensor& keep_idx, at::Tensor& dst, at::Tensor& error_flag,
+void compact_one(const at::Tensor& src, const at::Tensor& keep_idx, at::Tensor& dst, int* error_flag,
                  cudaStream_t stream) {
   const int64_t word = word_bytes(src);
   switch (word == 0 ? src.element_size() : word) {
@@ -80,7 +81,7 @@ void compact_one(const at::Tensor& src, const at::Tensor& keep_idx, at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor> compact_kv_cuda(const at::Tensor& keys, const at::Tensor& values,
-                                                   const at::Tensor& keep_idx) {
+                                                   const at::Tensor& keep_idx, bool check_indices) {
   check_compact_kv(keys, values, keep_idx);
   const int64_t B = keys.size(0), Hkv = keys.size(1), L = keys.size(2), K = keep_idx.size(2);
   TORCH_CHECK_VALUE(B * Hkv <= std::numeric_limits<int32_t>::max(), "cspkv.compact_kv: B*Hkv=", B * Hkv,
@@ -91,12 +92,17 @@ std::tuple<at::Tensor, at::Tensor> compact_kv_cuda(const at::Tensor& keys, const
   const at::Tensor idx = keep_idx.contiguous();
   at::Tensor keys_out = at::empty({B, Hkv, K, keys.size(3)}, keys.options());
   at::Tensor values_out = at::empty({B, Hkv, K, values.size(3)}, values.options());
-  at::Tensor error_flag = at::zeros({1}, keys.options().dtype(at::kInt));
+  // Without check_indices (the caller vouches for keep_idx, as the pruning
+  // path does for select_keep's output) nothing is read back: the op stays
+  // asynchronous, and a bad index still only zero-fills its row.
+  at::Tensor error_flag = check_indices ? at::zeros({1}, keys.options().dtype(at::kInt)) : at::Tensor();
+  int* flag = check_indices ? error_flag.data_ptr<int>() : nullptr;
   {
     NvtxRange range("cspkv::compact_kv");
-    compact_one(keys, idx, keys_out, error_flag, stream);
-    compact_one(values, idx, values_out, error_flag, stream);
+    compact_one(keys, idx, keys_out, flag, stream);
+    compact_one(values, idx, values_out, flag, stream);
   }
+  if (!check_indices) return {keys_out, values_out};
   // Reading the flag waits for the copies: the price of reporting bad
   // indices as a Python exception with the CPU path's messages.
   const int error = error_flag.item<int>();

@@ -8,8 +8,9 @@
 // rows per block; grid (B * Hkv, row chunks). No integer division per word.
 //
 // keep_idx is validated as it is used: an index outside [0, L) or not above
-// its predecessor sets a bit in *error_flag (1: range, 2: order) and its row
-// is written as zeros instead of read. The binding raises after the launch.
+// its predecessor has its row written as zeros instead of read, and sets a
+// bit in *error_flag (1: range, 2: order) unless error_flag is null. The
+// binding raises after the launch.
 #pragma once
 
 #include "common.cuh"
@@ -31,7 +32,7 @@ __global__ void __launch_bounds__(compact::kThreads)
                         const int64_t* __restrict__ keep_idx,  // [B, Hkv, K] contiguous
                         VecT* __restrict__ dst,                // [B, Hkv, K, nvec] contiguous
                         int Hkv, int64_t L, int64_t K, int nvec,
-                        int* __restrict__ error_flag)          // [1], bits compact::kError*
+                        int* __restrict__ error_flag)          // [1], bits compact::kError*, or nullptr
 {
   const int bh = blockIdx.x;
   const int b = bh / Hkv, h = bh % Hkv;
@@ -47,7 +48,7 @@ __global__ void __launch_bounds__(compact::kThreads)
       const VecT* in = src_bh + idx * s_l;
       for (int v = threadIdx.x; v < nvec; v += blockDim.x) out[v] = in[v * s_v];
     } else {
-      if (threadIdx.x == 0) atomicOr(error_flag, (in_range ? 0 : compact::kErrorRange) | (ascending ? 0 : compact::kErrorOrder));
+      if (threadIdx.x == 0 && error_flag != nullptr) atomicOr(error_flag, (in_range ? 0 : compact::kErrorRange) | (ascending ? 0 : compact::kErrorOrder));
       for (int v = threadIdx.x; v < nvec; v += blockDim.x) out[v] = VecT{};
     }
   }
