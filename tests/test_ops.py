@@ -204,6 +204,76 @@ def test_compact_kv(case, kernels, device):
         assert torch.equal(g.cpu(), w), f"{name} is not an exact copy: {int((g.cpu() != w).sum())} elements differ"
 
 
+def test_compact_kv_unchecked_indices(kernels, device):
+    """check_indices=False gathers the same rows; a bad index then goes unreported on
+    CUDA (its row is zero-filled, nothing out of bounds is read), still raises on CPU."""
+    gen = generator(41)
+    keys = randn((2, 3, 50, 64), torch.bfloat16, gen)
+    values = randn((2, 3, 50, 40), torch.bfloat16, gen)
+    idx = torch.sort(torch.randperm(50, generator=gen)[:17]).values.expand(2, 3, 17).contiguous()
+    want = ref.compact_kv(keys, values, idx)
+    assert all(torch.equal(g, w) for g, w in zip(ref.compact_kv(keys, values, idx, check_indices=False), want))
+    on = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    got = kernels.compact_kv(*on(keys, values, idx), check_indices=False)
+    for g, w, name in zip(got, want, ("keys_out", "values_out")):
+        assert torch.equal(g.cpu(), w), name
+    bad = idx.clone()
+    bad[1, 2, -1] = 50
+    if device.type == "cpu":
+        with pytest.raises(IndexError, match="keep_idx"):
+            kernels.compact_kv(*on(keys, values, bad), check_indices=False)
+        return
+    for g, w in zip(kernels.compact_kv(*on(keys, values, bad), check_indices=False), want):
+        g = g.cpu()
+        assert not g[1, 2, -1].any(), "the row of the bad index must be zero-filled"
+        g[1, 2, -1] = w[1, 2, -1]
+        assert torch.equal(g, w), "rows with valid indices must be gathered as usual"
+
+
+def kernels_launched(fn):
+    """(names of the CUDA kernels fn launched, fn's result), from the torch profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}, result
+
+
+def assert_launched(kernel: str, launched) -> None:
+    if not launched:  # CUPTI records nothing under compute-sanitizer: the results were still checked
+        pytest.skip(f"the CUDA profiler recorded no kernels, so {kernel} could not be confirmed")
+    assert any(kernel in name for name in launched), f"{kernel} not among the launched kernels {sorted(launched)}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param(dict(B=2, H=28, Hkv=4, W=300, L=2100, D=128, n=1.0), id="gqa7-W300-L2100-D128"),
+        pytest.param(dict(B=1, H=8, Hkv=8, W=130, L=700, D=64, n=0.0), id="mha-W130-L700-D64"),
+        pytest.param(dict(B=2, H=6, Hkv=2, W=70, L=333, D=80, n=4.0), id="gqa3-W70-L333-D80"),
+        pytest.param(dict(B=1, H=2, Hkv=1, W=40, L=260, D=256, n=1.0), id="gqa2-W40-L260-D256"),
+    ],
+)
+def test_window_scores_tensor_cores_match_float32(shape, dtype, kernels):
+    """Half-precision inputs run the tensor-core kernels (window_scores_mma.cuh), the same
+    values in float32 the CUDA-core ones: both accumulate in float and must agree, over
+    several row and key tiles, GQA, padded head dims and left padding."""
+    B, H, Hkv, W, L, D, n = (shape[k] for k in ("B", "H", "Hkv", "W", "L", "D", "n"))
+    gen = generator(7)
+    q = randn((B, H, W, D), dtype, gen).cuda()
+    keys = randn((B, Hkv, L, D), dtype, gen).cuda()
+    k_mod = modality_ids(B, L, "left", gen).cuda()
+    q_mod = k_mod[:, L - W :].contiguous()
+    kw = dict(scale=D**-0.5, n=n)
+    launched, got = kernels_launched(lambda: kernels.window_scores(q, keys, q_mod, k_mod, **kw))
+    want = kernels.window_scores(q.float(), keys.float(), q_mod, k_mod, **kw)
+    for g, w, name in zip(got, want, ("self_scores", "cross_scores")):
+        torch.testing.assert_close(g, w, rtol=2e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_launched("window_scores_mma_kernel", launched)
+
+
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_nsoftmax_attention(case, kernels, device):
     """Q = W new queries at the end of a cache of Lc = L slots; dead slots from the padding."""
@@ -315,6 +385,45 @@ def test_reference_never_attends_nan_dead_slots():
     q, keys, values, _, k_mod, _ = _padded_with_nan(torch.float32)
     out = ref.nsoftmax_attention(torch.nan_to_num(q[:, :, -2:]), keys, values, scale=0.15, n=1.0, kv_valid=k_mod >= 0)
     assert_no_nan(out, "reference nsoftmax_attention")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param(dict(B=2, H=32, Hkv=32, Q=1, Lc=3000, D=128, n=0.0, valid="shared"), id="mha-Lc3000-D128"),
+        pytest.param(dict(B=1, H=8, Hkv=2, Q=2, Lc=777, D=64, n=1.0, valid=None), id="gqa4-Q2-Lc777-D64"),
+        pytest.param(dict(B=3, H=4, Hkv=2, Q=1, Lc=300, D=256, n=4.0, valid="per_head"), id="gqa2-Lc300-D256"),
+        pytest.param(dict(B=1, H=12, Hkv=4, Q=1, Lc=50, D=80, n=1.0, valid="per_head"), id="gqa3-Lc50-D80"),
+    ],
+)
+def test_nsoftmax_attention_decode_kernel_matches_float32(shape, dtype, kernels):
+    """At most 8 query rows per KV head in half precision run the decode kernel
+    (attention_decode.cuh), float32 runs the tiled one: they must agree, with many key
+    splits, Q > 1 (causal), dead slots holding NaN, head dims of one and two chunks."""
+    B, H, Hkv, Q, Lc, D, n = (shape[k] for k in ("B", "H", "Hkv", "Q", "Lc", "D", "n"))
+    gen = generator(11)
+    q = randn((B, H, Q, D), dtype, gen).cuda()
+    keys = randn((B, Hkv, Lc, D), dtype, gen)
+    values = randn((B, Hkv, Lc, D), dtype, gen)
+    kv_valid = None
+    if shape["valid"] is not None:
+        valid_shape = (B, Lc) if shape["valid"] == "shared" else (B, Hkv, Lc)
+        kv_valid = torch.rand(valid_shape, generator=gen) > 0.1
+        kv_valid[..., -Q:] = True
+        dead = ~(kv_valid if kv_valid.dim() == 3 else kv_valid[:, None])
+        keys, values = keys.masked_fill(dead[..., None], float("nan")), values.masked_fill(dead[..., None], float("nan"))
+        kv_valid = kv_valid.cuda()
+    keys, values = keys.cuda(), values.cuda()
+    kw = dict(scale=D**-0.5, n=n, kv_valid=kv_valid)
+    launched, got = kernels_launched(lambda: kernels.nsoftmax_attention(q, keys, values, **kw))
+    want = kernels.nsoftmax_attention(q.float(), keys.float(), values.float(), **kw)
+    assert_no_nan(got, "nsoftmax_attention")
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # the output is rounded to dtype
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    assert_launched("attention_decode_kernel", launched)
 
 
 # ------------------------------------------------------------ determinism

@@ -1,8 +1,10 @@
-// CUDA binding of cspkv::nsoftmax_attention: checks, split choice, device
-// guard, dtype and head-dim dispatch, launches (kernels in
-// nsoftmax_attention.cuh).
+// CUDA binding of cspkv::nsoftmax_attention: checks, the choice between the
+// decode kernel (attention_decode.cuh: at most 8 query rows per KV head, half /
+// bfloat16, 16-byte aligned rows) and the tiled one (nsoftmax_attention.cuh),
+// split choice, device guard, dtype and head-dim dispatch, launches.
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,6 +15,7 @@
 
 #include "checks.h"
 #include "dispatch.h"
+#include "attention_decode.cuh"
 #include "launch.h"
 #include "nsoftmax_attention.cuh"
 #include "nvtx.h"
@@ -41,6 +44,53 @@ void launch_attention(const AttentionParams<scalar_t>& p, int64_t row_tiles, int
   }
 }
 
+// Split count for blocks of `keys_per_block_step` keys per step: about
+// `blocks_per_sm` blocks per SM, at most kMaxSplits, whole steps per split.
+struct Splits {
+  int64_t count, keys_per_split;
+};
+
+Splits choose_splits(int64_t Lc, int64_t blocks_without_split, int64_t blocks_per_sm, int64_t keys_per_step) {
+  const int64_t steps = ceil_div<int64_t>(Lc, keys_per_step);
+  int64_t n = ceil_div<int64_t>(blocks_per_sm * sm_count(), blocks_without_split);
+  n = max_of<int64_t>(1, min_of<int64_t>(n, min_of<int64_t>(steps, attention::kMaxSplits)));
+  const int64_t keys_per_split = ceil_div<int64_t>(steps, n) * keys_per_step;
+  return {ceil_div<int64_t>(Lc, keys_per_split), keys_per_split};  // no empty split
+}
+
+template <typename scalar_t>
+void launch_decode(const AttentionParams<scalar_t>& p, int kernel_rows, int chunks, const Splits& splits,
+                   int64_t bh_count, const at::Tensor& part_stats, const at::Tensor& part_acc, at::Tensor& out,
+                   cudaStream_t stream) {
+  float2* stats = splits.count > 1 ? reinterpret_cast<float2*>(part_stats.data_ptr<float>()) : nullptr;
+  float* acc = splits.count > 1 ? part_acc.data_ptr<float>() : nullptr;
+  const dim3 grid(static_cast<unsigned>(splits.count), static_cast<unsigned>(bh_count));
+  auto launch = [&](auto rows, auto chunks_c) {
+    constexpr int kRows = decltype(rows)::value, kChunks = decltype(chunks_c)::value;
+    attention_decode_kernel<scalar_t, kRows, kChunks><<<grid, decode::kThreads, 0, stream>>>(
+        p, static_cast<int>(splits.keys_per_split), static_cast<int>(splits.count), stats, acc,
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  using I = std::integral_constant<int, 1>;
+  using II = std::integral_constant<int, 2>;
+  switch (kernel_rows * 10 + chunks) {  // the instances decode::fits admits
+    case 11: launch(I{}, I{}); break;
+    case 12: launch(I{}, II{}); break;
+    case 21: launch(II{}, I{}); break;
+    case 22: launch(II{}, II{}); break;
+    case 41: launch(std::integral_constant<int, 4>{}, I{}); break;
+    case 42: launch(std::integral_constant<int, 4>{}, II{}); break;
+    case 81: launch(std::integral_constant<int, 8>{}, I{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "cspkv.nsoftmax_attention: no decode kernel for ", kernel_rows, " rows x ", chunks, " chunks");
+  }
+  if (splits.count > 1) {
+    attention_combine_kernel<scalar_t><<<static_cast<unsigned>(bh_count * p.G * p.Q), attention::kCombineThreads, 0, stream>>>(
+        stats, acc, static_cast<int>(splits.count), p.Dv, p.use_n, p.log_n, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 at::Tensor nsoftmax_attention_cuda(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values,
                                    double scale, double n, const c10::optional<at::Tensor>& kv_valid) {
   check_nsoftmax_attention(q_in, keys, values, scale, n, kv_valid);
@@ -61,14 +111,18 @@ at::Tensor nsoftmax_attention_cuda(const at::Tensor& q_in, const at::Tensor& key
   const at::Tensor v = with_contiguous_rows(values);
   at::Tensor out = at::empty({B, H, Q, Dv}, q.options());
 
-  // Split the cache so that about two blocks per SM run; splits are whole key tiles.
   const int64_t rows = G * Q;
+  const int decode_rows = decode::rows_instance(static_cast<int>(min_of<int64_t>(rows, decode::kMaxRows + 1)));
+  const int decode_chunks = static_cast<int>(ceil_div<int64_t>(max_of(D, Dv), decode::kChunkDims));
+  const bool use_decode = (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
+                          decode::fits(static_cast<int>(min_of<int64_t>(rows, decode::kMaxRows + 1)), decode_chunks) &&
+                          rows_16b_aligned(q) && rows_16b_aligned(k) && rows_16b_aligned(v);
+  // Tiled kernel: about two blocks per SM, splits of whole key tiles. Decode
+  // kernel: about four (small blocks; the loads need to be in flight).
   const int64_t row_tiles = ceil_div<int64_t>(rows, attention::kTileRows);
-  const int64_t key_tiles = ceil_div<int64_t>(Lc, attention::kTileKeys);
-  int64_t nsplit = ceil_div<int64_t>(2 * sm_count(), row_tiles * B * Hkv);
-  nsplit = max_of<int64_t>(1, min_of<int64_t>(nsplit, min_of<int64_t>(key_tiles, attention::kMaxSplits)));
-  const int64_t keys_per_split = ceil_div<int64_t>(key_tiles, nsplit) * attention::kTileKeys;
-  nsplit = ceil_div<int64_t>(Lc, keys_per_split);  // no empty split
+  const Splits splits = use_decode ? choose_splits(Lc, B * Hkv, 4, decode::kWarps * 2 * decode::unroll(decode_rows))
+                                   : choose_splits(Lc, row_tiles * B * Hkv, 2, attention::kTileKeys);
+  const int64_t nsplit = splits.count, keys_per_split = splits.keys_per_split;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor part_stats, part_acc;
   if (nsplit > 1) {
@@ -113,6 +167,12 @@ at::Tensor nsoftmax_attention_cuda(const at::Tensor& q_in, const at::Tensor& key
     p.scale = static_cast<float>(scale);
     p.use_n = use_n;
     p.log_n = log_n;
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (use_decode) {
+        launch_decode<scalar_t>(p, decode_rows, decode_chunks, splits, B * Hkv, part_stats, part_acc, out, stream);
+        return;
+      }
+    }
     // The accumulator of a row is spread over kLanesPerRow threads: Dv / 16 registers each.
     if (Dv <= 64) {
       launch_attention<scalar_t, 4>(p, row_tiles, nsplit, keys_per_split, B * Hkv, part_stats, part_acc, out, stream);

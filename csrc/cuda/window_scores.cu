@@ -1,8 +1,11 @@
-// CUDA binding of cspkv::window_scores: checks, device guard, dtype dispatch,
-// launches (kernels in window_scores.cuh).
+// CUDA binding of cspkv::window_scores: checks, device guard, the choice
+// between the tensor-core kernels (window_scores_mma.cuh: half / bfloat16 with
+// 16-byte aligned rows, sm_80+) and the CUDA-core ones (window_scores.cuh:
+// everything else), dtype dispatch, launches.
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,10 +18,73 @@
 #include "launch.h"
 #include "nvtx.h"
 #include "window_scores.cuh"
+#include "window_scores_mma.cuh"
 
 namespace cspkv {
 namespace cuda {
 namespace {
+
+static_assert(window::kTileKeys == window_mma::kStreamed, "pass 1 key splits are whole key tiles of either kernel");
+
+// True when the tensor-core kernels were compiled for sm_80 or newer in the
+// binary this device runs (an older-architecture build of them only traps).
+bool tensor_core_kernels_runnable() {
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, window_scores_mma_kernel<true, 64>) != cudaSuccess) {
+    (void)cudaGetLastError();  // no loadable image for this device: clear the error, use the CUDA-core kernels
+    return false;
+  }
+  return attr.ptxVersion >= 80;
+}
+
+template <typename T>
+WindowScoresParams<T> window_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qm, const at::Tensor& km,
+                                    const WindowScoresShape& s, int64_t G, double scale) {
+  WindowScoresParams<T> p;
+  p.q_win = reinterpret_cast<const T*>(q.data_ptr());
+  p.keys = reinterpret_cast<const T*>(k.data_ptr());
+  p.q_mod = qm.data_ptr<int32_t>();
+  p.k_mod = km.data_ptr<int32_t>();
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.q_stride_w = q.stride(2);
+  p.k_stride_b = k.stride(0);
+  p.k_stride_h = k.stride(1);
+  p.k_stride_l = k.stride(2);
+  p.Hkv = static_cast<int>(s.Hkv);
+  p.G = static_cast<int>(G);
+  p.W = static_cast<int>(s.W);
+  p.L = static_cast<int>(s.L);
+  p.D = static_cast<int>(s.D);
+  p.padded_d = padded_head_dim(static_cast<int>(s.D));
+  p.q_vec16 = rows_16b_aligned(q);
+  p.k_vec16 = rows_16b_aligned(k);
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+// Calls f(std::bool_constant<bf16>, std::integral_constant<int, kD>) for the
+// tensor-core kernel instantiation of a dtype and head dim.
+template <typename F>
+void with_mma_instance(bool bf16, int64_t D, F&& f) {
+  auto by_dim = [&](auto is_bf16) {
+    switch (window_mma::padded_dim(static_cast<int>(D))) {
+      case 64:
+        f(is_bf16, std::integral_constant<int, 64>{});
+        break;
+      case 128:
+        f(is_bf16, std::integral_constant<int, 128>{});
+        break;
+      default:
+        f(is_bf16, std::integral_constant<int, 256>{});
+    }
+  };
+  if (bf16) {
+    by_dim(std::true_type{});
+  } else {
+    by_dim(std::false_type{});
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, const at::Tensor& keys,
                                                       const at::Tensor& q_mod, const at::Tensor& k_mod,
@@ -28,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
                     " is larger than the CUDA kernel supports (", kMaxHeadDim, ")");
   const int64_t G = s.H / s.Hkv;
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(s.L + window::kTileKeys <= kIntMax && G * s.W <= kIntMax && s.B * s.Hkv <= 65535,
+  TORCH_CHECK_VALUE(s.L + window_mma::kStationary <= kIntMax && G * s.W <= kIntMax && s.B * s.Hkv <= 65535,
                     "cspkv.window_scores: sizes too large for the CUDA kernel: need L < 2^31, G*W < 2^31 and "
                     "B*Hkv <= 65535, got L=", s.L, ", G*W=", G * s.W, ", B*Hkv=", s.B * s.Hkv);
 
@@ -38,6 +104,9 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
   const at::Tensor k = with_contiguous_rows(keys);
   const at::Tensor qm = q_mod.to(at::kInt).contiguous();
   const at::Tensor km = k_mod.to(at::kInt).contiguous();
+  const bool half_precision = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const bool tensor_cores =
+      half_precision && rows_16b_aligned(q) && rows_16b_aligned(k) && tensor_core_kernels_runnable();
 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor self_scores = at::empty({s.B, s.Hkv, s.L}, f32);
@@ -46,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
   // Pass 1 parallelism: enough (row tile, key split) blocks to fill the GPU
   // about twice; splits are whole key tiles.
   const int64_t rows = G * s.W;
-  const int64_t row_tiles = ceil_div<int64_t>(rows, window::kTileRows);
+  const int64_t row_tiles = ceil_div<int64_t>(rows, tensor_cores ? window_mma::kStationary : window::kTileRows);
   const int64_t key_tiles = ceil_div<int64_t>(s.L, window::kTileKeys);
   int64_t nsplit = ceil_div<int64_t>(2 * sm_count(), row_tiles * s.B * s.Hkv);
   nsplit = max_of<int64_t>(1, min_of<int64_t>(nsplit, min_of<int64_t>(key_tiles, window::kMaxSplits)));
@@ -55,53 +124,53 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
 
   at::Tensor row_stats = at::empty({s.B * s.Hkv * rows, nsplit, 2}, f32);
   at::Tensor log_denominator = at::empty({s.B * s.Hkv * rows}, f32);
+  float2* stats = reinterpret_cast<float2*>(row_stats.data_ptr<float>());
+  const dim3 stats_grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(nsplit),
+                        static_cast<unsigned>(s.B * s.Hkv));
   const bool use_n = n > 0;
   const float log_n = use_n ? static_cast<float>(std::log(n)) : 0.f;
-  const int padded_d = padded_head_dim(static_cast<int>(s.D));
-  const size_t smem = window::shared_memory_bytes(padded_d);
-
-  NvtxRange range("cspkv::window_scores");
-  CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cspkv.window_scores", [&] {
-    WindowScoresParams<scalar_t> p;
-    p.q_win = q.data_ptr<scalar_t>();
-    p.keys = k.data_ptr<scalar_t>();
-    p.q_mod = qm.data_ptr<int32_t>();
-    p.k_mod = km.data_ptr<int32_t>();
-    p.q_stride_b = q.stride(0);
-    p.q_stride_h = q.stride(1);
-    p.q_stride_w = q.stride(2);
-    p.k_stride_b = k.stride(0);
-    p.k_stride_h = k.stride(1);
-    p.k_stride_l = k.stride(2);
-    p.Hkv = static_cast<int>(s.Hkv);
-    p.G = static_cast<int>(G);
-    p.W = static_cast<int>(s.W);
-    p.L = static_cast<int>(s.L);
-    p.D = static_cast<int>(s.D);
-    p.padded_d = padded_d;
-    p.q_vec16 = rows_16b_aligned(q);
-    p.k_vec16 = rows_16b_aligned(k);
-    p.scale = static_cast<float>(scale);
-
-    float2* stats = reinterpret_cast<float2*>(row_stats.data_ptr<float>());
-    set_dynamic_shared_memory(window_row_stats_kernel<scalar_t>, smem, "window_scores");
-    const dim3 stats_grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(nsplit),
-                          static_cast<unsigned>(s.B * s.Hkv));
-    window_row_stats_kernel<scalar_t><<<stats_grid, window::kThreads, smem, stream>>>(
-        p, static_cast<int>(keys_per_split), static_cast<int>(nsplit), stats);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
+  auto merge_splits = [&] {  // pass 1b, shared by both kernel families
     const int64_t all_rows = s.B * s.Hkv * rows;
     window_row_lse_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(all_rows, 256)), 256, 0, stream>>>(
         stats, all_rows, static_cast<int>(nsplit), use_n, log_n, log_denominator.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
 
-    set_dynamic_shared_memory(window_scores_kernel<scalar_t>, smem, "window_scores");
-    const dim3 scores_grid(static_cast<unsigned>(key_tiles), static_cast<unsigned>(s.B * s.Hkv));
-    window_scores_kernel<scalar_t><<<scores_grid, window::kThreads, smem, stream>>>(
-        p, log_denominator.data_ptr<float>(), self_scores.data_ptr<float>(), cross_scores.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  NvtxRange range("cspkv::window_scores");
+  if (tensor_cores) {
+    const WindowScoresParams<uint16_t> p = window_params<uint16_t>(q, k, qm, km, s, G, scale);
+    const size_t smem = window_mma::shared_memory_bytes(window_mma::padded_dim(static_cast<int>(s.D)));
+    with_mma_instance(q.scalar_type() == at::kBFloat16, s.D, [&](auto is_bf16, auto kd) {
+      constexpr bool kBF16 = decltype(is_bf16)::value;
+      constexpr int kD = decltype(kd)::value;
+      set_dynamic_shared_memory(window_row_stats_mma_kernel<kBF16, kD>, smem, "window_scores");
+      window_row_stats_mma_kernel<kBF16, kD><<<stats_grid, window_mma::kThreads, smem, stream>>>(
+          p, static_cast<int>(keys_per_split), static_cast<int>(nsplit), stats);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      merge_splits();
+      set_dynamic_shared_memory(window_scores_mma_kernel<kBF16, kD>, smem, "window_scores");
+      const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(s.L, window_mma::kStationary)),
+                      static_cast<unsigned>(s.B * s.Hkv));
+      window_scores_mma_kernel<kBF16, kD><<<grid, window_mma::kThreads, smem, stream>>>(
+          p, log_denominator.data_ptr<float>(), self_scores.data_ptr<float>(), cross_scores.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cspkv.window_scores", [&] {
+      const WindowScoresParams<scalar_t> p = window_params<scalar_t>(q, k, qm, km, s, G, scale);
+      const size_t smem = window::shared_memory_bytes(p.padded_d);
+      set_dynamic_shared_memory(window_row_stats_kernel<scalar_t>, smem, "window_scores");
+      window_row_stats_kernel<scalar_t><<<stats_grid, window::kThreads, smem, stream>>>(
+          p, static_cast<int>(keys_per_split), static_cast<int>(nsplit), stats);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      merge_splits();
+      set_dynamic_shared_memory(window_scores_kernel<scalar_t>, smem, "window_scores");
+      const dim3 grid(static_cast<unsigned>(key_tiles), static_cast<unsigned>(s.B * s.Hkv));
+      window_scores_kernel<scalar_t><<<grid, window::kThreads, smem, stream>>>(
+          p, log_denominator.data_ptr<float>(), self_scores.data_ptr<float>(), cross_scores.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   return {self_scores, cross_scores};
 }
 

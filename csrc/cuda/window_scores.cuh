@@ -1,6 +1,9 @@
 // Fused modality-masked window scores (cspkv.reference.window_scores) without
-// a W x L probability matrix in memory. Two passes over the logits of the
-// G * W query rows of each (b, hkv) against its L keys:
+// a W x L probability matrix in memory, on CUDA cores: for float32, for rows
+// that are not 16-byte aligned and for GPUs before sm_80 (half and bfloat16
+// inputs otherwise run window_scores_mma.cuh, same passes on tensor cores).
+// Two passes over the logits of the G * W query rows of each (b, hkv) against
+// its L keys:
 //
 //   1. window_row_stats_kernel: per query row and key split, softmax
 //      statistics (max, sum of exp) of the allowed logits; grid
@@ -54,19 +57,27 @@ struct WindowScoresParams {
   float scale;
 };
 
-// Query row r of KV head hkv is head hkv * G + r / W, window position r % W
-// (rows are g-major, matching the reference's reshape(B, Hkv, G, W, D)).
+// Query row r < G * W of KV head hkv is head hkv * G + r / W, window position
+// r % W (rows are g-major, matching the reference's reshape(B, Hkv, G, W, D)).
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* window_query_row(const WindowScoresParams<scalar_t>& p, int b, int hkv,
+                                                            int r) {
+  const int h = hkv * p.G + r / p.W;
+  return p.q_win + b * p.q_stride_b + h * p.q_stride_h + (r % p.W) * p.q_stride_w;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* window_key_row(const WindowScoresParams<scalar_t>& p, int b, int hkv, int j) {
+  return p.keys + b * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_l;
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ void load_window_query_tile(const WindowScoresParams<scalar_t>& p, float* q_s, int b,
                                                        int hkv, int r0) {
   const int rows = p.G * p.W;
   load_rows_to_shared<window::kThreads, scalar_t>(
-      q_s, p.padded_d, window::kTileRows, p.D, p.padded_d, p.q_vec16, [&](int i) -> const scalar_t* {
-        const int r = r0 + i;
-        if (r >= rows) return nullptr;
-        const int h = hkv * p.G + r / p.W;
-        return p.q_win + b * p.q_stride_b + h * p.q_stride_h + (r % p.W) * p.q_stride_w;
-      });
+      q_s, p.padded_d, window::kTileRows, p.D, p.padded_d, p.q_vec16,
+      [&](int i) -> const scalar_t* { return r0 + i < rows ? window_query_row(p, b, hkv, r0 + i) : nullptr; });
 }
 
 // Keys [j0, j0 + kTileKeys) of (b, hkv); keys at or past j_end are zero rows.
@@ -74,11 +85,8 @@ template <typename scalar_t>
 __device__ __forceinline__ void load_window_key_tile(const WindowScoresParams<scalar_t>& p, float* k_s, int b, int hkv,
                                                      int j0, int j_end) {
   load_rows_to_shared<window::kThreads, scalar_t>(
-      k_s, p.padded_d + 1, window::kTileKeys, p.D, p.padded_d, p.k_vec16, [&](int i) -> const scalar_t* {
-        const int j = j0 + i;
-        if (j >= j_end) return nullptr;
-        return p.keys + b * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_l;
-      });
+      k_s, p.padded_d + 1, window::kTileKeys, p.D, p.padded_d, p.k_vec16,
+      [&](int i) -> const scalar_t* { return j0 + i < j_end ? window_key_row(p, b, hkv, j0 + i) : nullptr; });
 }
 
 // Pass 1: softmax statistics of each query row over one split of the keys.
