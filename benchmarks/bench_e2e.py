@@ -214,7 +214,8 @@ def run_gpu(device: torch.device, quick: bool, kv_memory_gib: float):
 
 
 def max_batch(model, L: int, budget, device: torch.device) -> dict:
-    """Largest batch whose prefill + 4 decode steps fit, by doubling then bisection; then timed at that batch."""
+    """Largest batch whose prefill + 4 decode steps fit, by doubling then bisection; then timed at that
+    batch, the median of 3 runs: decode on a GPU is bound by the host's launches, whose speed varies."""
     def fits(B):
         try:
             ids = torch.randint(0, 32000, (B, L), device=device)
@@ -236,7 +237,7 @@ def max_batch(model, L: int, budget, device: torch.device) -> dict:
         return {"budget": budget or 1.0, "policy": "csp" if budget else "full", "batch": 0, "prompt": L,
                 "ttft_ms": "OOM", "max_batch": 0}
     ids = torch.randint(0, 32000, (lo, L), device=device)
-    row = measure(model, ids, (torch.rand(lo, L, device=device) < 0.5).long(), budget, DECODE_TOKENS, device)
+    row = measure(model, ids, (torch.rand(lo, L, device=device) < 0.5).long(), budget, DECODE_TOKENS, device, runs=3)
     row["max_batch"] = lo
     row["tokens_per_s"] = lo * 1e3 / row["decode_ms_per_token"]
     return row

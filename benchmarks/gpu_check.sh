@@ -9,6 +9,10 @@
 #
 #   OUT=/tmp/gpu DEADLINE=560 bash benchmarks/gpu_check.sh
 #
+# STEPS picks the steps (default "build tests bench_ops ncu bench_e2e"), so a
+# lease can be split into calls on the same warm machine (the build stays);
+# SANITIZE_K narrows the sanitizer runs with a pytest -k expression.
+#
 # Needs python3 with torch (CUDA build), nvcc, pytest, hypothesis, transformers;
 # compute-sanitizer and ncu are used when on PATH (or in the CUDA toolkit).
 set -u
@@ -19,6 +23,8 @@ LOGS=$(mktemp -d)  # everything lands here; $OUT gets one archive (the device to
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+STEPS=${STEPS:-build tests bench_ops ncu bench_e2e}
+SANITIZE_K=${SANITIZE_K:-}
 SUMMARY="$LOGS/summary.txt"
 : >"$SUMMARY"
 start=$(date +%s)
@@ -47,6 +53,8 @@ step() {  # step NAME SECONDS COMMAND...: runs with a time limit (cut to the dea
   return $rc
 }
 
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+
 tool() {  # a CUDA tool from PATH or the toolkit
   command -v "$1" 2>/dev/null || ls /usr/local/cuda/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | head -1
 }
@@ -55,27 +63,32 @@ tool() {  # a CUDA tool from PATH or the toolkit
   >"$LOGS/env.log" 2>&1
 
 # 1. Build, for this GPU's architecture only (setup.py asks torch when a GPU is visible).
-step build 300 env CSPKV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace || { tail -40 "$LOGS/build.log"; exit 1; }
+if want build; then
+  step build 300 env CSPKV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace || { tail -40 "$LOGS/build.log"; exit 1; }
+fi
 $PY -m cspkv info >>"$LOGS/build.log" 2>&1
 
 # 2. CUDA tests and memcheck over the CUDA op tests, side by side (neither is timed).
 SANITIZER=$(tool compute-sanitizer)
-step tests 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests &
-if [ -n "$SANITIZER" ]; then
-  # The caching allocator would hide out-of-bounds accesses inside its blocks.
-  { step memcheck 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
-      --print-limit 20 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py tests/test_op_properties.py
-    step racecheck 120 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
-      $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py -k "not nan"; } &
+if want tests; then
+  step tests 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests &
+  if [ -n "$SANITIZER" ]; then
+    # The caching allocator would hide out-of-bounds accesses inside its blocks.
+    { step memcheck 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+        --print-limit 20 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py tests/test_op_properties.py \
+        ${SANITIZE_K:+-k "$SANITIZE_K"}
+      step racecheck 120 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
+        $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py -k "not nan${SANITIZE_K:+ and ($SANITIZE_K)}"; } &
+  fi
+  wait
 fi
-wait
 
 # 3. Benchmarks (alone on the GPU).
-step bench_ops 150 $PY benchmarks/bench_ops.py --device cuda
+want bench_ops && step bench_ops 150 $PY benchmarks/bench_ops.py --device cuda
 
 # 4. One Nsight Compute report per kernel (each kernel replayed in isolation).
 NCU=$(tool ncu)
-if [ -n "$NCU" ]; then
+if want ncu && [ -n "$NCU" ]; then
   step ncu 120 "$NCU" --kernel-name regex:"window_|select_keep|compact_rows|attention_" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --export "$LOGS/ncu-ops" --force-overwrite $PY benchmarks/profile_ops.py
@@ -88,7 +101,7 @@ if [ -n "$NCU" ]; then
 fi
 
 # 5. End to end (7B shape, random weights): the rest of the time.
-step bench_e2e 300 $PY benchmarks/bench_e2e.py --device cuda
+want bench_e2e && step bench_e2e 300 $PY benchmarks/bench_e2e.py --device cuda
 echo "total $(( $(date +%s) - start )) s" | tee -a "$SUMMARY"
 pack
 for f in tests memcheck racecheck bench_ops bench_e2e; do echo "== $f"; tail -n 25 "$LOGS/$f.log" 2>/dev/null; done
