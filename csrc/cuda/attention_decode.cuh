@@ -29,8 +29,6 @@ constexpr int kHalfLanes = kWarp / 2;  // lanes per key
 constexpr int kVec = 8;                // 16-bit elements per lane and chunk (one 16-byte load)
 constexpr int kChunkDims = kHalfLanes * kVec;  // head-dim elements one chunk covers: 128
 constexpr int kMaxRows = 8;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Key pairs a warp loads before computing: fewer with many rows (registers).
 constexpr int unroll(int rows) {

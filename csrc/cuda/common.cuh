@@ -16,6 +16,9 @@ namespace cuda {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Kernels that exponentiate with exp2f keep logits in base 2 and convert.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 // Largest head dim the shared-memory tiles are sized for (the bindings reject more).
 constexpr int kMaxHeadDim = 256;
 

@@ -66,6 +66,24 @@ __device__ __forceinline__ const scalar_t* window_query_row(const WindowScoresPa
   return p.q_win + b * p.q_stride_b + h * p.q_stride_h + (r % p.W) * p.q_stride_w;
 }
 
+// Window index w of query row r (r = g * W + w) of batch row b, or -1 when r
+// is past the G * W rows or its query is padding: such a row scores nothing.
+template <typename scalar_t>
+__device__ __forceinline__ int scoring_window_index(const WindowScoresParams<scalar_t>& p, int b, int r) {
+  if (r >= p.G * p.W) return -1;
+  const int w = r % p.W;
+  return p.q_mod[static_cast<int64_t>(b) * p.W + w] < 0 ? -1 : w;
+}
+
+// End of the keys pass 1 visits for rows [r0, r_end) in the split starting at
+// j_begin: keys past the last position of those rows are never allowed.
+template <typename scalar_t>
+__device__ __forceinline__ int split_key_end(const WindowScoresParams<scalar_t>& p, int r0, int r_end, int j_begin,
+                                             int keys_per_split) {
+  const int last_position = p.L - p.W + max_inner_index(r0, r_end, p.W);  // window row w sits at L - W + w
+  return min_of(min_of(j_begin + keys_per_split, p.L), last_position + 1);
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ const scalar_t* window_key_row(const WindowScoresParams<scalar_t>& p, int b, int hkv, int j) {
   return p.keys + b * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_l;
@@ -116,23 +134,14 @@ __global__ void __launch_bounds__(window::kThreads)
   const int bh = blockIdx.z;
   const int b = bh / p.Hkv, hkv = bh % p.Hkv;
 
-  if (tid < kTileRows) {
-    const int r = r0 + tid;
-    int w = -1;
-    if (r < rows) {
-      w = r % p.W;
-      if (p.q_mod[static_cast<int64_t>(b) * p.W + w] < 0) w = -1;
-    }
-    row_w[tid] = w;
-  }
+  if (tid < kTileRows) row_w[tid] = scoring_window_index(p, b, r0 + tid);
   load_window_query_tile(p, q_s, b, hkv, r0);
 
   const int key = tid % kTileKeys, group = tid / kTileKeys;
   const int first_row = group * kRowsPerThread;
   const int offset = p.L - p.W;  // window row w sits at position offset + w
   const int j_begin = split * keys_per_split;
-  // Keys past the last position of this tile's rows are never allowed: skip them.
-  const int j_end = min_of(min_of(j_begin + keys_per_split, p.L), offset + max_inner_index(r0, r_end, p.W) + 1);
+  const int j_end = split_key_end(p, r0, r_end, j_begin, keys_per_split);
 
   float m[kRowsPerThread], l[kRowsPerThread];
 #pragma unroll
@@ -262,17 +271,10 @@ __global__ void __launch_bounds__(window::kThreads)
     __syncthreads();  // the previous query tile and its row data are no longer read
     if (tid < kTileRows) {
       const int r = r0 + tid;
-      int w = -1, mod = -1;
-      float log_den = 0.f;
-      if (r < rows) {
-        w = r % p.W;
-        mod = p.q_mod[static_cast<int64_t>(b) * p.W + w];
-        if (mod < 0) w = -1;
-        log_den = log_denominator[static_cast<int64_t>(bh) * rows + r];
-      }
+      const int w = scoring_window_index(p, b, r);
       row_w[tid] = w;
-      row_mod[tid] = mod;
-      row_log_den[tid] = log_den;
+      row_mod[tid] = w < 0 ? -1 : p.q_mod[static_cast<int64_t>(b) * p.W + w];
+      row_log_den[tid] = w < 0 ? 0.f : log_denominator[static_cast<int64_t>(bh) * rows + r];
     }
     load_window_query_tile(p, q_s, b, hkv, r0);
     __syncthreads();  // query tile ready (and, on the first tile, the key tile)

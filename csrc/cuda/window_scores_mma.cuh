@@ -32,8 +32,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kStationary = 16 * kWarps;  // rows held as A fragments, 16 per warp
 constexpr int kStreamed = 64;             // rows per streamed tile: 8 MMA n-tiles
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 constexpr int padded_dim(int d) {
   return d <= 64 ? 64 : (d <= 128 ? 128 : 256);
@@ -119,18 +117,9 @@ __global__ void __launch_bounds__(window_mma::kThreads)
   const int b = bh / p.Hkv, hkv = bh % p.Hkv;
   const int offset = p.L - p.W;  // window row w sits at position offset + w
   const int j_begin = split * keys_per_split;
-  // Keys past the last position of this block's rows are never allowed: skip them.
-  const int j_end = min_of(min_of(j_begin + keys_per_split, p.L), offset + max_inner_index(r0, r_end, p.W) + 1);
+  const int j_end = split_key_end(p, r0, r_end, j_begin, keys_per_split);
 
-  if (tid < kStationary) {
-    const int r = r0 + tid;
-    int w = -1;
-    if (r < rows) {
-      w = r % p.W;
-      if (p.q_mod[static_cast<int64_t>(b) * p.W + w] < 0) w = -1;
-    }
-    row_w[tid] = w;
-  }
+  if (tid < kStationary) row_w[tid] = scoring_window_index(p, b, r0 + tid);
   load_tile_async<kD, kStationary>(q_s, p.D, p.q_win, [&](int i) -> const uint16_t* {
     return r0 + i < rows ? window_query_row(p, b, hkv, r0 + i) : nullptr;
   });
@@ -249,14 +238,9 @@ __global__ void __launch_bounds__(window_mma::kThreads)
     });
     if (tid < kStreamed) {
       const int r = r0 + tid;
-      int w = -1, mod = -1;
-      float log2_den = 0.f;
-      if (r < rows) {
-        w = r % p.W;
-        mod = p.q_mod[static_cast<int64_t>(b) * p.W + w];
-        if (mod < 0) w = -1;
-        log2_den = log_denominator[static_cast<int64_t>(bh) * rows + r] * kLog2e;
-      }
+      const int w = scoring_window_index(p, b, r);
+      const int mod = w < 0 ? -1 : p.q_mod[static_cast<int64_t>(b) * p.W + w];
+      const float log2_den = w < 0 ? 0.f : log_denominator[static_cast<int64_t>(bh) * rows + r] * kLog2e;
       row_data[buf][tid] = make_float4(__int_as_float(w), __int_as_float(mod), log2_den, 0.f);
     }
   };
