@@ -55,6 +55,11 @@ def positive(op: str, name: str, value: float) -> None:
         _fail(op, f"{name} must be a finite number > 0, got {value!r}")
 
 
+def boolean(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        _fail(op, f"{name} must be a bool, got {value!r}", TypeError)
+
+
 def non_negative(op: str, name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         _fail(op, f"{name} must be a finite number >= 0, got {value!r}")
@@ -117,8 +122,7 @@ def compact_kv_args(keys, values, keep_idx, check_indices: bool = True) -> None:
     K = keep_idx.shape[2]
     if K > L:
         _fail(op, f"keep_idx keeps K={K} tokens, more than the key length L={L}")
-    if not isinstance(check_indices, bool):
-        _fail(op, f"check_indices must be a bool, got {check_indices!r}", TypeError)
+    boolean(op, "check_indices", check_indices)
     if not check_indices:
         return
     lo, hi = int(keep_idx.min()), int(keep_idx.max())

@@ -116,8 +116,7 @@ def compact_kv(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gather of the kept tokens; see `cspkv.reference.compact_kv`."""
     if isinstance(keys, torch.Tensor) and backend(keys.device) == "kernel":
-        if not isinstance(check_indices, bool):
-            raise TypeError(f"cspkv.compact_kv: check_indices must be a bool, got {check_indices!r}")
+        checks.boolean("compact_kv", "check_indices", check_indices)
         return torch.ops.cspkv.compact_kv.default(keys, values, keep_idx, check_indices=check_indices)
     return reference.compact_kv(keys, values, keep_idx, check_indices=check_indices)
 

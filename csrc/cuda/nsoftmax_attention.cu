@@ -24,6 +24,17 @@ namespace cspkv {
 namespace cuda {
 namespace {
 
+// Merges the key splits of every query row into the output (nothing to do with one split).
+template <typename scalar_t>
+void launch_combine(const AttentionParams<scalar_t>& p, int64_t nsplit, int64_t bh_count, const float2* stats,
+                    const float* acc, at::Tensor& out, cudaStream_t stream) {
+  if (nsplit == 1) return;
+  attention_combine_kernel<scalar_t><<<static_cast<unsigned>(bh_count * p.G * p.Q), attention::kCombineThreads, 0,
+                                       stream>>>(stats, acc, static_cast<int>(nsplit), p.Dv, p.use_n, p.log_n,
+                                                 out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, int kDvChunks>
 void launch_attention(const AttentionParams<scalar_t>& p, int64_t row_tiles, int64_t nsplit, int64_t keys_per_split,
                       int64_t bh_count, const at::Tensor& part_stats, const at::Tensor& part_acc, at::Tensor& out,
@@ -36,30 +47,11 @@ void launch_attention(const AttentionParams<scalar_t>& p, int64_t row_tiles, int
   attention_split_kernel<scalar_t, kDvChunks><<<grid, attention::kThreads, smem, stream>>>(
       p, static_cast<int>(keys_per_split), static_cast<int>(nsplit), stats, acc, out.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (nsplit > 1) {
-    const int64_t rows = bh_count * p.G * p.Q;
-    attention_combine_kernel<scalar_t><<<static_cast<unsigned>(rows), attention::kCombineThreads, 0, stream>>>(
-        stats, acc, static_cast<int>(nsplit), p.Dv, p.use_n, p.log_n, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
-// Split count for blocks of `keys_per_block_step` keys per step: about
-// `blocks_per_sm` blocks per SM, at most kMaxSplits, whole steps per split.
-struct Splits {
-  int64_t count, keys_per_split;
-};
-
-Splits choose_splits(int64_t Lc, int64_t blocks_without_split, int64_t blocks_per_sm, int64_t keys_per_step) {
-  const int64_t steps = ceil_div<int64_t>(Lc, keys_per_step);
-  int64_t n = ceil_div<int64_t>(blocks_per_sm * sm_count(), blocks_without_split);
-  n = max_of<int64_t>(1, min_of<int64_t>(n, min_of<int64_t>(steps, attention::kMaxSplits)));
-  const int64_t keys_per_split = ceil_div<int64_t>(steps, n) * keys_per_step;
-  return {ceil_div<int64_t>(Lc, keys_per_split), keys_per_split};  // no empty split
+  launch_combine(p, nsplit, bh_count, stats, acc, out, stream);
 }
 
 template <typename scalar_t>
-void launch_decode(const AttentionParams<scalar_t>& p, int kernel_rows, int chunks, const Splits& splits,
+void launch_decode(const AttentionParams<scalar_t>& p, int kernel_rows, int chunks, const KeySplits& splits,
                    int64_t bh_count, const at::Tensor& part_stats, const at::Tensor& part_acc, at::Tensor& out,
                    cudaStream_t stream) {
   float2* stats = splits.count > 1 ? reinterpret_cast<float2*>(part_stats.data_ptr<float>()) : nullptr;
@@ -84,11 +76,7 @@ void launch_decode(const AttentionParams<scalar_t>& p, int kernel_rows, int chun
     case 81: launch(std::integral_constant<int, 8>{}, I{}); break;
     default: TORCH_INTERNAL_ASSERT(false, "cspkv.nsoftmax_attention: no decode kernel for ", kernel_rows, " rows x ", chunks, " chunks");
   }
-  if (splits.count > 1) {
-    attention_combine_kernel<scalar_t><<<static_cast<unsigned>(bh_count * p.G * p.Q), attention::kCombineThreads, 0, stream>>>(
-        stats, acc, static_cast<int>(splits.count), p.Dv, p.use_n, p.log_n, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_combine(p, splits.count, bh_count, stats, acc, out, stream);
 }
 
 at::Tensor nsoftmax_attention_cuda(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values,
@@ -112,16 +100,18 @@ at::Tensor nsoftmax_attention_cuda(const at::Tensor& q_in, const at::Tensor& key
   at::Tensor out = at::empty({B, H, Q, Dv}, q.options());
 
   const int64_t rows = G * Q;
-  const int decode_rows = decode::rows_instance(static_cast<int>(min_of<int64_t>(rows, decode::kMaxRows + 1)));
+  const int capped_rows = static_cast<int>(min_of<int64_t>(rows, decode::kMaxRows + 1));  // no int overflow
+  const int decode_rows = decode::rows_instance(capped_rows);
   const int decode_chunks = static_cast<int>(ceil_div<int64_t>(max_of(D, Dv), decode::kChunkDims));
   const bool use_decode = (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-                          decode::fits(static_cast<int>(min_of<int64_t>(rows, decode::kMaxRows + 1)), decode_chunks) &&
-                          rows_16b_aligned(q) && rows_16b_aligned(k) && rows_16b_aligned(v);
+                          decode::fits(capped_rows, decode_chunks) && rows_16b_aligned(q) && rows_16b_aligned(k) &&
+                          rows_16b_aligned(v);
   // Tiled kernel: about two blocks per SM, splits of whole key tiles. Decode
   // kernel: about four (small blocks; the loads need to be in flight).
   const int64_t row_tiles = ceil_div<int64_t>(rows, attention::kTileRows);
-  const Splits splits = use_decode ? choose_splits(Lc, B * Hkv, 4, decode::kWarps * 2 * decode::unroll(decode_rows))
-                                   : choose_splits(Lc, row_tiles * B * Hkv, 2, attention::kTileKeys);
+  const KeySplits splits =
+      use_decode ? split_keys(Lc, B * Hkv, 4, decode::kWarps * 2 * decode::unroll(decode_rows), attention::kMaxSplits)
+                 : split_keys(Lc, row_tiles * B * Hkv, 2, attention::kTileKeys, attention::kMaxSplits);
   const int64_t nsplit = splits.count, keys_per_split = splits.keys_per_split;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor part_stats, part_acc;

@@ -39,7 +39,7 @@ bool tensor_core_kernels_runnable() {
 
 template <typename T>
 WindowScoresParams<T> window_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qm, const at::Tensor& km,
-                                    const WindowScoresShape& s, int64_t G, double scale) {
+                                    const WindowScoresShape& s, int64_t G, double scale, bool q_vec16, bool k_vec16) {
   WindowScoresParams<T> p;
   p.q_win = reinterpret_cast<const T*>(q.data_ptr());
   p.keys = reinterpret_cast<const T*>(k.data_ptr());
@@ -57,8 +57,8 @@ WindowScoresParams<T> window_params(const at::Tensor& q, const at::Tensor& k, co
   p.L = static_cast<int>(s.L);
   p.D = static_cast<int>(s.D);
   p.padded_d = padded_head_dim(static_cast<int>(s.D));
-  p.q_vec16 = rows_16b_aligned(q);
-  p.k_vec16 = rows_16b_aligned(k);
+  p.q_vec16 = q_vec16;
+  p.k_vec16 = k_vec16;
   p.scale = static_cast<float>(scale);
   return p;
 }
@@ -104,9 +104,9 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
   const at::Tensor k = with_contiguous_rows(keys);
   const at::Tensor qm = q_mod.to(at::kInt).contiguous();
   const at::Tensor km = k_mod.to(at::kInt).contiguous();
+  const bool q_vec16 = rows_16b_aligned(q), k_vec16 = rows_16b_aligned(k);
   const bool half_precision = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
-  const bool tensor_cores =
-      half_precision && rows_16b_aligned(q) && rows_16b_aligned(k) && tensor_core_kernels_runnable();
+  const bool tensor_cores = half_precision && q_vec16 && k_vec16 && tensor_core_kernels_runnable();
 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor self_scores = at::empty({s.B, s.Hkv, s.L}, f32);
@@ -116,11 +116,8 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
   // about twice; splits are whole key tiles.
   const int64_t rows = G * s.W;
   const int64_t row_tiles = ceil_div<int64_t>(rows, tensor_cores ? window_mma::kStationary : window::kTileRows);
-  const int64_t key_tiles = ceil_div<int64_t>(s.L, window::kTileKeys);
-  int64_t nsplit = ceil_div<int64_t>(2 * sm_count(), row_tiles * s.B * s.Hkv);
-  nsplit = max_of<int64_t>(1, min_of<int64_t>(nsplit, min_of<int64_t>(key_tiles, window::kMaxSplits)));
-  const int64_t keys_per_split = ceil_div<int64_t>(key_tiles, nsplit) * window::kTileKeys;
-  nsplit = ceil_div<int64_t>(s.L, keys_per_split);  // no empty split
+  const KeySplits splits = split_keys(s.L, row_tiles * s.B * s.Hkv, 2, window::kTileKeys, window::kMaxSplits);
+  const int64_t nsplit = splits.count, keys_per_split = splits.keys_per_split;
 
   at::Tensor row_stats = at::empty({s.B * s.Hkv * rows, nsplit, 2}, f32);
   at::Tensor log_denominator = at::empty({s.B * s.Hkv * rows}, f32);
@@ -138,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
 
   NvtxRange range("cspkv::window_scores");
   if (tensor_cores) {
-    const WindowScoresParams<uint16_t> p = window_params<uint16_t>(q, k, qm, km, s, G, scale);
+    const WindowScoresParams<uint16_t> p = window_params<uint16_t>(q, k, qm, km, s, G, scale, q_vec16, k_vec16);
     const size_t smem = window_mma::shared_memory_bytes(window_mma::padded_dim(static_cast<int>(s.D)));
     with_mma_instance(q.scalar_type() == at::kBFloat16, s.D, [&](auto is_bf16, auto kd) {
       constexpr bool kBF16 = decltype(is_bf16)::value;
@@ -157,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
     });
   } else {
     CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cspkv.window_scores", [&] {
-      const WindowScoresParams<scalar_t> p = window_params<scalar_t>(q, k, qm, km, s, G, scale);
+      const WindowScoresParams<scalar_t> p = window_params<scalar_t>(q, k, qm, km, s, G, scale, q_vec16, k_vec16);
       const size_t smem = window::shared_memory_bytes(p.padded_d);
       set_dynamic_shared_memory(window_row_stats_kernel<scalar_t>, smem, "window_scores");
       window_row_stats_kernel<scalar_t><<<stats_grid, window::kThreads, smem, stream>>>(
@@ -165,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       merge_splits();
       set_dynamic_shared_memory(window_scores_kernel<scalar_t>, smem, "window_scores");
-      const dim3 grid(static_cast<unsigned>(key_tiles), static_cast<unsigned>(s.B * s.Hkv));
+      const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(s.L, window::kTileKeys)),
+                      static_cast<unsigned>(s.B * s.Hkv));
       window_scores_kernel<scalar_t><<<grid, window::kThreads, smem, stream>>>(
           p, log_denominator.data_ptr<float>(), self_scores.data_ptr<float>(), cross_scores.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
