@@ -31,6 +31,7 @@ from conftest import (
     oracle,
     place,
     randn,
+    random_padding,
     ranking_scores,
     same_precision,
     scores_row_scale,
@@ -181,6 +182,20 @@ def test_select_keep(case, scores, kernels, device):
     assert got_idx.dtype == torch.int64 and got_valid.dtype == torch.bool
     assert torch.equal(got_idx.cpu(), want_idx), f"keep_idx differs in rows {_rows_differing(got_idx.cpu(), want_idx)}"
     assert torch.equal(got_valid.cpu(), want_valid), f"keep_valid differs in rows {_rows_differing(got_valid.cpu(), want_valid)}"
+
+
+@pytest.mark.parametrize("L, pad", [(5000, 0.0), (40000, 0.3)])
+def test_select_keep_long_rows(L, pad, kernels, device):
+    """Many positions per thread, and (40000 > 32768) the CUDA kernel's flags in global memory."""
+    gen = generator(L)
+    self_s, cross_s = (ranking_scores((2, 3, L), gen, kind) for kind in ("ties", "continuous"))
+    k_mod = random_padding(2, L, gen, pad)
+    k_mod[1, : L - L // 10] = -1  # row 1: fewer real tokens than the budget, kept with padding slots
+    kw = dict(budget=L // 5, recent=L // 20, cross_ratio=0.5)
+    got_idx, got_valid = kernels.select_keep(self_s.to(device), cross_s.to(device), k_mod.to(device), **kw)
+    want_idx, want_valid = ref.select_keep(self_s, cross_s, k_mod, **kw)
+    assert torch.equal(got_idx.cpu(), want_idx), f"keep_idx differs in rows {_rows_differing(got_idx.cpu(), want_idx)}"
+    assert torch.equal(got_valid.cpu(), want_valid)
 
 
 def _rows_differing(a: torch.Tensor, b: torch.Tensor):
