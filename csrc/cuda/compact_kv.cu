@@ -1,7 +1,8 @@
-// CUDA binding of cspkv::compact_kv: checks, word size choice per tensor,
-// device guard, launches (kernel in compact_kv.cuh), then, with
+// CUDA binding of cspkv::compact_kv: checks, one word size for keys and
+// values, device guard, one launch for both (kernel in compact_kv.cuh), then, with
 // check_indices, the keep_idx value check the kernel recorded (reading it back
 // waits for the GPU). Dtype-agnostic: a copy moves bytes.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -22,11 +23,11 @@ namespace cuda {
 namespace {
 
 // Largest word (16, 8, 4 bytes, else one element) such that every source row
-// starts on a word boundary and spans whole words; 0 when the last dim is
-// strided (then words are single elements at stride(3)).
+// starts on a word boundary and spans whole words; one element when the last
+// dim is strided.
 int64_t word_bytes(const at::Tensor& t) {
   const int64_t elem = t.element_size();
-  if (t.stride(3) != 1) return 0;
+  if (t.stride(3) != 1) return elem;
   const auto address = reinterpret_cast<std::uintptr_t>(t.data_ptr());
   for (const int64_t word : {int64_t{16}, int64_t{8}, int64_t{4}}) {
     if (word <= elem) break;
@@ -37,44 +38,50 @@ int64_t word_bytes(const at::Tensor& t) {
   return elem;
 }
 
+// `t` as rows of `word`-byte words (word divides its row starts and lengths;
+// a word of one element may walk a strided last dim).
 template <typename VecT>
-void launch_compact(const at::Tensor& src, int64_t word, const at::Tensor& keep_idx, at::Tensor& dst, int* error_flag,
-                    cudaStream_t stream) {
-  const int64_t elem = src.element_size();
-  const int64_t B = src.size(0), Hkv = src.size(1), L = src.size(2), K = keep_idx.size(2);
-  // word == 0: strided last dim, one element per word; strides are then in elements.
-  const int64_t per_word = word == 0 ? 1 : word / elem;
-  const int64_t s_v = word == 0 ? src.stride(3) : 1;
-  const int nvec = static_cast<int>(src.size(3) / per_word);
+CompactRows<VecT> rows_of(const at::Tensor& t, at::Tensor& out) {
+  const int64_t per_word = static_cast<int64_t>(sizeof(VecT)) / t.element_size();
+  return {reinterpret_cast<const VecT*>(t.data_ptr()),
+          t.stride(0) / per_word,
+          t.stride(1) / per_word,
+          t.stride(2) / per_word,
+          per_word == 1 ? t.stride(3) : 1,
+          reinterpret_cast<VecT*>(out.data_ptr()),
+          static_cast<int>(t.size(3) / per_word)};
+}
+
+template <typename VecT>
+void launch_compact(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& keep_idx, at::Tensor& keys_out,
+                    at::Tensor& values_out, int* error_flag, cudaStream_t stream) {
+  const CompactRows<VecT> k_rows = rows_of<VecT>(keys, keys_out), v_rows = rows_of<VecT>(values, values_out);
+  const int64_t B = keys.size(0), Hkv = keys.size(1), L = keys.size(2), K = keep_idx.size(2);
+  const int nvec = std::max(k_rows.nvec, v_rows.nvec);
   int tx = 1;
   while (tx < nvec && tx < 32) tx *= 2;
   const int ty = compact::kThreads / tx;
-  const int64_t row_chunks = min_of<int64_t>(ceil_div<int64_t>(K, ty), 65535);
-  const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_chunks));
+  const int64_t row_chunks = min_of<int64_t>(ceil_div<int64_t>(K, int64_t{ty} * compact::kRowsPerThread), 65535);
+  const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_chunks), 2);
   const dim3 block(tx, ty);
-  compact_rows_kernel<VecT><<<grid, block, 0, stream>>>(
-      reinterpret_cast<const VecT*>(src.data_ptr()), src.stride(0) / per_word, src.stride(1) / per_word,
-      src.stride(2) / per_word, s_v, keep_idx.data_ptr<int64_t>(), reinterpret_cast<VecT*>(dst.data_ptr()),
-      static_cast<int>(Hkv), L, K, nvec, error_flag);
+  compact_rows_kernel<VecT><<<grid, block, 0, stream>>>(k_rows, v_rows, keep_idx.data_ptr<int64_t>(),
+                                                        static_cast<int>(Hkv), L, K, error_flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void compact_one(const at::Tensor& src, const at::Tensor& keep_idx, at::Tensor& dst, int* error_flag,
-                 cudaStream_t stream) {
-  const int64_t word = word_bytes(src);
-  switch (word == 0 ? src.element_size() : word) {
+// Both tensors move in the largest word that suits each of them.
+void compact_both(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& keep_idx, at::Tensor& keys_out,
+                  at::Tensor& values_out, int* error_flag, cudaStream_t stream) {
+  const int64_t word = std::min(word_bytes(keys), word_bytes(values));
+  switch (word) {
     case 16:
-      launch_compact<uint4>(src, word, keep_idx, dst, error_flag, stream);
-      break;
+      return launch_compact<uint4>(keys, values, keep_idx, keys_out, values_out, error_flag, stream);
     case 8:
-      launch_compact<uint2>(src, word, keep_idx, dst, error_flag, stream);
-      break;
+      return launch_compact<uint2>(keys, values, keep_idx, keys_out, values_out, error_flag, stream);
     case 4:
-      launch_compact<uint32_t>(src, word, keep_idx, dst, error_flag, stream);
-      break;
+      return launch_compact<uint32_t>(keys, values, keep_idx, keys_out, values_out, error_flag, stream);
     case 2:
-      launch_compact<uint16_t>(src, word, keep_idx, dst, error_flag, stream);
-      break;
+      return launch_compact<uint16_t>(keys, values, keep_idx, keys_out, values_out, error_flag, stream);
     default:
       TORCH_INTERNAL_ASSERT(false, "cspkv.compact_kv: unexpected word size ", word);
   }
@@ -99,8 +106,7 @@ std::tuple<at::Tensor, at::Tensor> compact_kv_cuda(const at::Tensor& keys, const
   int* flag = check_indices ? error_flag.data_ptr<int>() : nullptr;
   {
     NvtxRange range("cspkv::compact_kv");
-    compact_one(keys, idx, keys_out, flag, stream);
-    compact_one(values, idx, values_out, flag, stream);
+    compact_both(keys, values, idx, keys_out, values_out, flag, stream);
   }
   if (!check_indices) return {keys_out, values_out};
   // Reading the flag waits for the copies: the price of reporting bad
