@@ -4,8 +4,10 @@
 // everything else), dtype dispatch, launches.
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -28,13 +30,23 @@ static_assert(window::kTileKeys == window_mma::kStreamed, "pass 1 key splits are
 
 // True when the tensor-core kernels were compiled for sm_80 or newer in the
 // binary this device runs (an older-architecture build of them only traps).
+// Asked of the driver once per device, not on every call.
 bool tensor_core_kernels_runnable() {
+  static std::mutex mutex;
+  static std::unordered_map<int, bool> known;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(device);
+  if (it != known.end()) return it->second;
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, window_scores_mma_kernel<true, 64>) != cudaSuccess) {
+  bool runnable = false;
+  if (cudaFuncGetAttributes(&attr, window_scores_mma_kernel<true, 64>) == cudaSuccess) {
+    runnable = attr.ptxVersion >= 80;
+  } else {
     (void)cudaGetLastError();  // no loadable image for this device: clear the error, use the CUDA-core kernels
-    return false;
   }
-  return attr.ptxVersion >= 80;
+  known.emplace(device, runnable);
+  return runnable;
 }
 
 template <typename T>

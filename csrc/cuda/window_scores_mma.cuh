@@ -33,6 +33,12 @@ constexpr int kThreads = kWarps * kWarp;
 constexpr int kStationary = 16 * kWarps;  // rows held as A fragments, 16 per warp
 constexpr int kStreamed = 64;             // rows per streamed tile: 8 MMA n-tiles
 
+// Blocks per SM the register budget is cut for: two up to kD = 128 (at most
+// 128 registers a thread), one for kD = 256, whose A fragments alone take 64.
+constexpr int min_blocks(int kd) {
+  return kd <= 128 ? 2 : 1;
+}
+
 constexpr int padded_dim(int d) {
   return d <= 64 ? 64 : (d <= 128 ? 128 : 256);
 }
@@ -93,7 +99,7 @@ __device__ __forceinline__ void warp_tile_dots(const uint32_t (&a)[kD / 16][4], 
 // Pass 1. grid (ceil(G*W / kStationary), nsplit, B * Hkv), block kThreads.
 // Writes the same row_stats as window_row_stats_kernel.
 template <bool kBF16, int kD>
-__global__ void __launch_bounds__(window_mma::kThreads)
+__global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(kD))
     window_row_stats_mma_kernel(const WindowScoresParams<uint16_t> p,
                                 int keys_per_split,              // multiple of kStreamed
                                 int nsplit,
@@ -105,7 +111,7 @@ __global__ void __launch_bounds__(window_mma::kThreads)
   uint16_t* q_s = reinterpret_cast<uint16_t*>(window_mma_smem);  // [kStationary][kStride]
   uint16_t* k_s = q_s + kStationary * kStride;                    // [2][kStreamed][kStride]
   __shared__ int row_w[kStationary];                              // -1: the row scores nothing
-  __shared__ int key_mod[2][kStreamed];                           // -1 also for keys outside the split
+  __shared__ bool key_real[2][kStreamed];                         // false for padding and keys outside the split
 
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   const int g = lane / 4, c = lane % 4;
@@ -128,7 +134,7 @@ __global__ void __launch_bounds__(window_mma::kThreads)
     load_tile_async<kD, kStreamed>(k_s + buf * kStreamed * kStride, p.D, p.keys, [&](int i) -> const uint16_t* {
       return j0 + i < j_end ? window_key_row(p, b, hkv, j0 + i) : nullptr;
     });
-    if (tid < kStreamed) key_mod[buf][tid] = j0 + tid < j_end ? p.k_mod[static_cast<int64_t>(b) * p.L + j0 + tid] : -1;
+    if (tid < kStreamed) key_real[buf][tid] = j0 + tid < j_end && p.k_mod[static_cast<int64_t>(b) * p.L + j0 + tid] >= 0;
   };
   if (j_begin < j_end) load_keys(j_begin, 0);
   mma::cp_async_commit();
@@ -152,12 +158,14 @@ __global__ void __launch_bounds__(window_mma::kThreads)
 #pragma unroll
     for (int nt = 0; nt < kStreamed / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) key_scores[2 * nt + e] = key_mod[buf][nt * 8 + 2 * c + e] >= 0;
+      for (int e = 0; e < 2; ++e) key_scores[2 * nt + e] = key_real[buf][nt * 8 + 2 * c + e];
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int w = row_window[half];
       if (w < 0) continue;
+      // Keys after the row's position exist only in the tile that crosses it.
+      const bool causal_cut = j0 + kStreamed - 1 > offset + w;
       float s[kStreamed / 4];
       float tile_max = -INFINITY;
 #pragma unroll
@@ -165,7 +173,7 @@ __global__ void __launch_bounds__(window_mma::kThreads)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int i = nt * 8 + 2 * c + e;
-          const bool allowed = key_scores[2 * nt + e] && j0 + i <= offset + w;
+          const bool allowed = key_scores[2 * nt + e] && !(causal_cut && j0 + i > offset + w);
           const float v = allowed ? acc[nt][2 * half + e] * scale_log2 : -INFINITY;
           s[2 * nt + e] = v;
           tile_max = fmaxf(tile_max, v);
@@ -175,8 +183,8 @@ __global__ void __launch_bounds__(window_mma::kThreads)
       const float m_new = fmaxf(m[half], tile_max);
       float sum = 0.f;
 #pragma unroll
-      for (int k = 0; k < kStreamed / 4; ++k) sum += exp2f(s[k] - m_new);
-      l[half] = l[half] * exp2f(m[half] - m_new) + sum;  // m = -inf before the first allowed key: 0 * 0
+      for (int k = 0; k < kStreamed / 4; ++k) sum += exp2_ftz(s[k] - m_new);
+      l[half] = l[half] * exp2_ftz(m[half] - m_new) + sum;  // m = -inf before the first allowed key: 0 * 0
       m[half] = m_new;
     }
     __syncthreads();  // every warp is done with buffer buf before it is refilled
@@ -199,7 +207,7 @@ __global__ void __launch_bounds__(window_mma::kThreads)
 
 // Pass 2. grid (ceil(L / kStationary), B * Hkv), block kThreads.
 template <bool kBF16, int kD>
-__global__ void __launch_bounds__(window_mma::kThreads)
+__global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(kD))
     window_scores_mma_kernel(const WindowScoresParams<uint16_t> p,
                              const float* __restrict__ log_denominator,  // [B * Hkv, G * W] from pass 1b
                              float* __restrict__ self_scores,            // [B, Hkv, L]
@@ -210,8 +218,9 @@ __global__ void __launch_bounds__(window_mma::kThreads)
   extern __shared__ __align__(16) unsigned char window_mma_smem[];
   uint16_t* k_s = reinterpret_cast<uint16_t*>(window_mma_smem);  // [kStationary][kStride]
   uint16_t* q_s = k_s + kStationary * kStride;                    // [2][kStreamed][kStride]
-  // Per streamed row, one 16-byte read: (window index w, -1 when the row scores
-  // nothing; modality id; log2 of the row's n-softmax denominator; unused).
+  // Per streamed row, one 16-byte read: (last key it sees = its position, -1
+  // when the row scores nothing; modality id; log2 of the row's n-softmax
+  // denominator; unused).
   __shared__ float4 row_data[2][kStreamed];
 
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
@@ -241,7 +250,7 @@ __global__ void __launch_bounds__(window_mma::kThreads)
       const int w = scoring_window_index(p, b, r);
       const int mod = w < 0 ? -1 : p.q_mod[static_cast<int64_t>(b) * p.W + w];
       const float log2_den = w < 0 ? 0.f : log_denominator[static_cast<int64_t>(bh) * rows + r] * kLog2e;
-      row_data[buf][tid] = make_float4(__int_as_float(w), __int_as_float(mod), log2_den, 0.f);
+      row_data[buf][tid] = make_float4(__int_as_float(w < 0 ? -1 : offset + w), __int_as_float(mod), log2_den, 0.f);
     }
   };
   int r0 = next_needed(0);
@@ -274,14 +283,15 @@ __global__ void __launch_bounds__(window_mma::kThreads)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const float4 row = row_data[buf][nt * 8 + 2 * c + e];
-        const int w = __float_as_int(row.x);
-        if (w < 0) continue;
+        const int last_key = __float_as_int(row.x);
+        if (last_key < 0) continue;  // the row scores nothing
         const int mod = __float_as_int(row.y);
         const float log2_den = row.z;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          if (kmod[half] < 0 || key[half] > offset + w) continue;
-          const float prob = exp2f(acc[nt][2 * half + e] * scale_log2 - log2_den);
+          // Padding keys are summed too and written as 0 at the end.
+          if (key[half] > last_key) continue;
+          const float prob = exp2_ftz(fmaf(acc[nt][2 * half + e], scale_log2, -log2_den));
           if (mod == kmod[half]) {
             self_sum[half] += prob;
           } else {
@@ -306,8 +316,8 @@ __global__ void __launch_bounds__(window_mma::kThreads)
     }
     if (c == 0 && key[half] < p.L) {
       const int64_t out = static_cast<int64_t>(bh) * p.L + key[half];
-      self_scores[out] = s;
-      cross_scores[out] = x;
+      self_scores[out] = kmod[half] < 0 ? 0.f : s;
+      cross_scores[out] = kmod[half] < 0 ? 0.f : x;
     }
   }
 }
