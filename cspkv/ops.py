@@ -34,6 +34,7 @@ def extension():
             from . import _C  # noqa: F401  (importing registers torch.ops.cspkv.*)
 
             _state["ext"] = _C
+            _state["with_cuda"] = bool(_C.build_info()["with_cuda"])  # asked once: backend() runs on every op call
             _register_fakes()
         except Exception as exc:  # ImportError, undefined symbols, ABI mismatch ...
             _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -68,12 +69,13 @@ def _warn_once(key: str, message: str) -> None:
 
 def backend(device: torch.device) -> str:
     """``"kernel"`` if the compiled ops serve tensors on `device`, else ``"reference"``."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     ext = extension()
     if ext is None:
         _warn_once("missing", f"cspkv: compiled kernels unavailable ({_state['error']}); using the pure-torch reference ops")
         return "reference"
-    if device.type == "cuda" and not ext.build_info()["with_cuda"]:
+    if device.type == "cuda" and not _state["with_cuda"]:
         _warn_once("no-cuda", "cspkv: the extension was built without CUDA kernels; CUDA tensors use the pure-torch reference ops (rebuild with CSPKV_CUDA=1)")
         return "reference"
     if device.type not in ("cpu", "cuda", "meta"):
