@@ -82,10 +82,8 @@ class PrunedLayer(DynamicLayer):
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
-            if self.kv_valid is not None:
-                B, Hkv, Q = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
-                new = torch.ones(B, Hkv, Q, dtype=torch.bool, device=self.kv_valid.device)
-                self.kv_valid = torch.cat([self.kv_valid, new], dim=-1)
+            if self.kv_valid is not None:  # the new tokens are live slots
+                self.kv_valid = torch.nn.functional.pad(self.kv_valid, (0, key_states.shape[-2]), value=True)
         self.logical_len += key_states.shape[-2]
         return self.keys, self.values
 

@@ -89,6 +89,7 @@ class _Call:
         self.override = override
         self._ids: Optional[torch.Tensor] = None
         self._on_device: Dict[torch.device, tuple] = {}
+        self._chunk_live: Dict[tuple, Optional[torch.Tensor]] = {}
         self.plans: Optional[List[policy.RowPlan]] = None
         self.logged_short = False
 
@@ -122,6 +123,20 @@ class _Call:
             k_mod = ids.to(device)
             self._on_device[device] = (k_mod, policy.window_query_ids(k_mod, self.plans))
         return self._on_device[device] + (self.plans,)
+
+
+    def chunk_live(self, chunk: int, total: int, device: torch.device) -> Optional[torch.Tensor]:
+        """bool [B, 1, chunk]: which of the last `chunk` of `total` positions the call's 2-D mask
+        marks real (a padded follow-up turn), computed once per call for every layer; None without
+        a 2-D mask of that length."""
+        key = (chunk, total, device)
+        if key not in self._chunk_live:
+            mask = self.attention_mask
+            live = None
+            if mask is not None and mask.dim() == 2 and mask.shape[1] == total:
+                live = mask[:, None, -chunk:].to(device=device, dtype=torch.bool)
+            self._chunk_live[key] = live
+        return self._chunk_live[key]
 
 
 # --------------------------------------------------------------------------- one patched layer
@@ -243,11 +258,9 @@ class _LayerPatch:
     def _attend_pruned(self, layer, query, key, value, scaling):
         call = self.handle._call
         Q = query.shape[-2]
-        mask = None if call is None else call.attention_mask
-        if mask is not None and mask.dim() == 2 and mask.shape[1] == layer.logical_len:
-            # Padding inside a new chunk (a padded follow-up turn) stays dead.
-            new = mask[:, -Q:].to(device=layer.kv_valid.device, dtype=torch.bool)
-            layer.kv_valid[..., -Q:] &= new[:, None, :]
+        live = None if call is None else call.chunk_live(Q, layer.logical_len, layer.kv_valid.device)
+        if live is not None:  # padding inside a new chunk (a padded follow-up turn) stays dead
+            layer.kv_valid[..., -Q:] &= live
         out = ops.nsoftmax_attention(query, key, value, scale=scaling, n=self.handle.config.decode_n, kv_valid=layer.kv_valid)
         return out.transpose(1, 2).contiguous(), None
 

@@ -109,6 +109,22 @@ def test_chunked_follow_up_matches_manual_decode():
     torch.testing.assert_close(as_chunk, one_by_one, rtol=1e-4, atol=1e-4)
 
 
+def test_padding_inside_a_follow_up_chunk_stays_dead():
+    """A follow-up chunk whose 2-D mask has zeros: those slots are dead in every pruned layer, the rest live."""
+    model = tiny_model("llama", layers=2)
+    ids = prompt(60, seed=21).repeat(2, 1)
+    chunk = prompt(4, seed=22).repeat(2, 1)
+    mask = torch.ones(2, 64, dtype=torch.long)
+    mask[1, 60:62] = 0  # row 1: the chunk's first two tokens are padding
+    with torch.no_grad(), cspkv.patched(model, budget=0.25, min_prompt=8):
+        cache = returned_cache(model(ids, attention_mask=mask[:, :60], use_cache=True))
+        model(chunk, attention_mask=mask, **{CACHE_KW: cache}, use_cache=True)
+    for layer in cache.layers:
+        assert isinstance(layer, PrunedLayer)
+        live = layer.kv_valid[..., -4:]
+        assert bool(live[0].all()) and bool(live[1, :, 2:].all()) and not bool(live[1, :, :2].any()), live
+
+
 def test_subset_of_layers():
     model = tiny_model("llama", layers=3)
     never = twin(model)
