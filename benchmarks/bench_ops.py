@@ -97,6 +97,10 @@ def run(device: torch.device, lengths, dtype, quick: bool):
             row["GB/s"] = gbs
             if copy_gbs:
                 row["of_copy_bw"] = gbs / copy_gbs
+                with common.nvtx_range(f"{op} {label} (device time)", device):
+                    t_device = common.device_time(kernel, device)
+                row["device_ms"] = 1e3 * t_device
+                row["device_of_copy_bw"] = bytes_moved / t_device / 1e9 / copy_gbs
             if flops:
                 row["TFLOP/s"] = flops / t_kernel / 1e12
                 if copy_gbs:
@@ -123,9 +127,15 @@ def run(device: torch.device, lengths, dtype, quick: bool):
         keep_idx, keep_valid = select()
         cache_mb = nbytes(keys, values) / 1e6
         # As pruning calls it: select_keep's indices need no value check (which on a GPU is a device sync).
+        compact_bytes = 2 * 2 * Hkv * K * D * keys.element_size() + keep_idx.numel() * 8  # read + write
         case("compact_kv", lambda: ops.compact_kv(keys, values, keep_idx, check_indices=False),
-             lambda: reference.compact_kv(keys, values, keep_idx),
-             2 * 2 * Hkv * K * D * keys.element_size() + keep_idx.numel() * 8)
+             lambda: reference.compact_kv(keys, values, keep_idx), compact_bytes)
+        if copy_gbs:  # the copy rate at this size: a device-to-device copy of as many bytes, timed alike
+            src = torch.empty(compact_bytes // 2, dtype=torch.uint8, device=device)
+            dst = torch.empty_like(src)
+            t_copy = common.device_time(lambda: dst.copy_(src), device)
+            rows[-1]["device_of_same_size_copy"] = t_copy / (rows[-1]["device_ms"] / 1e3)
+            del src, dst
 
         kc, vc = ops.compact_kv(keys, values, keep_idx)
         q1 = torch.randn(1, H, 1, D, generator=gen).to(device, dtype)
@@ -157,8 +167,12 @@ def targets(rows, device: torch.device):
                     all(r["vs_sdpa"] >= 1 for r in at)))
     else:
         big = [r for r in rows_of("compact_kv") if r["cache_MB"] >= 64]
-        out.append(("GPU compact_kv >= 80% of copy bandwidth for caches >= 64 MB",
+        out.append(("GPU compact_kv >= 80% of copy bandwidth for caches >= 64 MB (op time, host work included)",
                     bool(big) and all(r["of_copy_bw"] >= 0.8 for r in big)))
+        out.append(("GPU compact_kv >= 80% of copy bandwidth for caches >= 64 MB (device time)",
+                    bool(big) and all(r["device_of_copy_bw"] >= 0.8 for r in big)))
+        out.append(("GPU compact_kv >= 80% of a same-size device-to-device copy's bandwidth for caches >= 64 MB "
+                    "(device time)", bool(big) and all(r["device_of_same_size_copy"] >= 0.8 for r in big)))
         ws = rows_of("window_scores", L=16384)
         out.append(("GPU window_scores >= 50% of its roofline at 16k tokens",
                     bool(ws) and all(r["of_roofline"] >= 0.5 for r in ws)))
@@ -187,15 +201,19 @@ def main() -> int:
     if device.type == "cuda":
         header += ("\nCUDA times: events around back-to-back calls (as many as take 1 ms, at most 100), L2 "
                    "flushed before each batch; an op's time includes its host work (compact_kv runs with "
-                   "check_indices=False, as pruning does: no device sync). Kernel-only times: ncu-<device>.md.")
+                   "check_indices=False, as pruning does: no device sync). device_ms: one call with L2 flushed "
+                   "while the GPU is held busy, so the host work is hidden (as in a model whose GPU runs behind "
+                   "its host); device_of_same_size_copy: compact_kv's device time against a device-to-device copy of "
+                   "as many bytes, timed alike. Kernel-only times: ncu-<device>.md.")
     if copy_gbs:
         header += f"\nDevice-to-device copy: {copy_gbs:.0f} GB/s; {dtype} GEMM peak: {peak:.0f} TFLOP/s."
     checks = targets(rows, device)
     extra = "\n## Targets\n\n" + "\n".join(f"- {'HOLDS' if ok else 'MISSED'}: {text}" for text, ok in checks) + "\n"
     columns = ["op", "model", "L", "W", "cache_MB", "kernel_ms", "reference_ms", "speedup", "peer_ms", "vs_sdpa", "GB/s",
-               "of_copy_bw", "TFLOP/s", "of_roofline"]
+               "of_copy_bw", "device_ms", "device_of_copy_bw", "device_of_same_size_copy", "TFLOP/s", "of_roofline"]
     if device.type == "cpu":
-        columns = [c for c in columns if c not in ("of_copy_bw", "of_roofline")]
+        columns = [c for c in columns if c not in ("of_copy_bw", "device_ms", "device_of_copy_bw",
+                                                   "device_of_same_size_copy", "of_roofline")]
     stem = f"ops-{common.device_label(device)}" + ("-quick" if args.quick else "")
     table = common.write_results(stem, header, rows, columns, extra, folder=args.out)
     print(header + "\n\n" + table + extra)

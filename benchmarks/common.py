@@ -86,6 +86,29 @@ def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
     return statistics.median(times)
 
 
+def device_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 15) -> float:
+    """Median seconds of one call of `fn()` on the GPU alone (CUDA only).
+
+    Before each call L2 is flushed and the GPU is held busy for about 0.5 ms
+    (torch.cuda._sleep) while the host enqueues the call between two events, so
+    the interval holds the call's GPU work and none of its host work: what the
+    op costs inside a model whose GPU runs behind its host.
+    """
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    for _ in range(repeats):
+        _flush_l2(device)
+        torch.cuda._sleep(1_000_000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
 def _cuda_batch(fn: Callable[[], object], device: torch.device, calls: int) -> float:
     _flush_l2(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
