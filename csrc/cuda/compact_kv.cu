@@ -38,7 +38,7 @@ int64_t word_bytes(const at::Tensor& t) {
   return elem;
 }
 
-// `t` as rows of `word`-byte words (word divides its row starts and lengths;
+// `t` as rows of VecT words (sizeof(VecT) divides its row starts and lengths;
 // a word of one element may walk a strided last dim).
 template <typename VecT>
 CompactRows<VecT> rows_of(const at::Tensor& t, at::Tensor& out) {
@@ -69,7 +69,7 @@ void launch_compact(const at::Tensor& keys, const at::Tensor& values, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Both tensors move in the largest word that suits each of them.
+// Keys and values move in one word size: the largest that suits both.
 void compact_both(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& keep_idx, at::Tensor& keys_out,
                   at::Tensor& values_out, int* error_flag, cudaStream_t stream) {
   const int64_t word = std::min(word_bytes(keys), word_bytes(values));
