@@ -96,21 +96,15 @@ def device_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
     """
     for _ in range(warmup):
         fn()
-    times: List[float] = []
-    for _ in range(repeats):
-        _flush_l2(device)
-        torch.cuda._sleep(1_000_000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    return statistics.median([_cuda_batch(fn, device, 1, hold_gpu=True) for _ in range(repeats)])
 
 
-def _cuda_batch(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+def _cuda_batch(fn: Callable[[], object], device: torch.device, calls: int, *, hold_gpu: bool = False) -> float:
+    """Seconds between events around `calls` calls of `fn()`, L2 flushed before; with `hold_gpu` a
+    sleep kernel keeps the GPU busy while the host enqueues them, so their host work is hidden."""
     _flush_l2(device)
+    if hold_gpu:
+        torch.cuda._sleep(1_000_000)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(calls):

@@ -124,7 +124,6 @@ class _Call:
             self._on_device[device] = (k_mod, policy.window_query_ids(k_mod, self.plans))
         return self._on_device[device] + (self.plans,)
 
-
     def chunk_live(self, chunk: int, total: int, device: torch.device) -> Optional[torch.Tensor]:
         """bool [B, 1, chunk]: which of the last `chunk` of `total` positions the call's 2-D mask
         marks real (a padded follow-up turn), computed once per call for every layer; None without

@@ -24,6 +24,9 @@ namespace cspkv {
 namespace cuda {
 namespace {
 
+template <int N>
+using Int = std::integral_constant<int, N>;
+
 // Merges the key splits of every query row into the output (nothing to do with one split).
 template <typename scalar_t>
 void launch_combine(const AttentionParams<scalar_t>& p, int64_t nsplit, int64_t bh_count, const float2* stats,
@@ -64,16 +67,14 @@ void launch_decode(const AttentionParams<scalar_t>& p, int kernel_rows, int chun
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  using I = std::integral_constant<int, 1>;
-  using II = std::integral_constant<int, 2>;
   switch (kernel_rows * 10 + chunks) {  // the instances decode::fits admits
-    case 11: launch(I{}, I{}); break;
-    case 12: launch(I{}, II{}); break;
-    case 21: launch(II{}, I{}); break;
-    case 22: launch(II{}, II{}); break;
-    case 41: launch(std::integral_constant<int, 4>{}, I{}); break;
-    case 42: launch(std::integral_constant<int, 4>{}, II{}); break;
-    case 81: launch(std::integral_constant<int, 8>{}, I{}); break;
+    case 11: launch(Int<1>{}, Int<1>{}); break;
+    case 12: launch(Int<1>{}, Int<2>{}); break;
+    case 21: launch(Int<2>{}, Int<1>{}); break;
+    case 22: launch(Int<2>{}, Int<2>{}); break;
+    case 41: launch(Int<4>{}, Int<1>{}); break;
+    case 42: launch(Int<4>{}, Int<2>{}); break;
+    case 81: launch(Int<8>{}, Int<1>{}); break;
     default: TORCH_INTERNAL_ASSERT(false, "cspkv.nsoftmax_attention: no decode kernel for ", kernel_rows, " rows x ", chunks, " chunks");
   }
   launch_combine(p, splits.count, bh_count, stats, acc, out, stream);

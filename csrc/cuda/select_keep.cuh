@@ -66,11 +66,11 @@ __device__ __forceinline__ WarpRange warp_range(int L) {
 
 // Index-order ranks of the positions of a warp range that satisfy a
 // predicate: `rank_in_order(range, base, pred, use)` walks the range 32
-// positions a step, calls use(j, rank) for each j with pred(j) true, rank =
-// base + the number of such positions before j in the range; returns base +
-// the range's count. base must be the count in the ranges before this one.
+// positions a step and calls use(j, rank) for each j with pred(j) true, rank =
+// base + the number of such positions before j in the range. base must be the
+// count in the ranges before this one (count_before_warp).
 template <typename Pred, typename Use>
-__device__ __forceinline__ int rank_in_order(WarpRange range, int base, Pred pred, Use use) {
+__device__ __forceinline__ void rank_in_order(WarpRange range, int base, Pred pred, Use use) {
   const int lane = threadIdx.x % kWarp;
   const unsigned below = (1u << lane) - 1u;
   for (int j0 = range.lo; j0 < range.hi; j0 += kWarp) {
@@ -80,7 +80,6 @@ __device__ __forceinline__ int rank_in_order(WarpRange range, int base, Pred pre
     if (hit) use(j, base + __popc(hits & below));
     base += __popc(hits);
   }
-  return base;
 }
 
 // How many positions of every warp range before this warp's satisfy `pred`
