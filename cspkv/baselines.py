@@ -15,6 +15,8 @@ the same kernels. `CSPConfig(policy=...)` picks one:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +25,7 @@ from .config import CSPConfig
 
 
 def snapkv_ranking(q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *,
-                   scale: float, pool: int = 7) -> torch.Tensor:
+                   scale: float, pool: int = 7, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SnapKV: plain-softmax window attention, pooled along the keys.
 
     Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation"
@@ -43,13 +45,14 @@ def snapkv_ranking(q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_m
     ----------
     q : [B, H, Lq, D] queries of the prefill (post-RoPE); the last W are used.
     keys : [B, Hkv, L, D]; q_mod [B, W], k_mod [B, L] modality ids (-1 = padding).
+    lse : [B, H, W] log-sum-exp of the window rows, if known (see `ops.window_scores`).
 
     Returns
     -------
     float32 [B, Hkv, L] ranking.
     """
     W = q_mod.shape[1]
-    self_scores, cross_scores = ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=0.0)
+    self_scores, cross_scores = ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=0.0, lse=lse)
     total = self_scores + cross_scores
     if pool == 1:
         return total
@@ -132,11 +135,12 @@ def random_ranking(k_mod: torch.Tensor, heads: int, *, seed: int = 0, layer: int
 
 
 def ranking(config: CSPConfig, q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *,
-            scale: float, layer: int = 0) -> torch.Tensor:
-    """The ranking float32 [B, Hkv, L] of the baseline `config.policy` (not "csp")."""
+            scale: float, layer: int = 0, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ranking float32 [B, Hkv, L] of the baseline `config.policy` (not "csp"); `lse` as in
+    `snapkv_ranking` (the other baselines do not use it)."""
     heads = keys.shape[1]
     if config.policy == "snapkv":
-        return snapkv_ranking(q, keys, q_mod, k_mod, scale=scale, pool=config.pool_width)
+        return snapkv_ranking(q, keys, q_mod, k_mod, scale=scale, pool=config.pool_width, lse=lse)
     if config.policy == "h2o":
         return h2o_ranking(q, keys, k_mod, scale=scale)
     if config.policy == "streaming":

@@ -65,7 +65,7 @@ def non_negative(op: str, name: str, value: float) -> None:
         _fail(op, f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def window_scores_args(q_win, keys, q_mod, k_mod, scale, n) -> None:
+def window_scores_args(q_win, keys, q_mod, k_mod, scale, n, lse=None) -> None:
     op = "window_scores"
     tensor(op, "q_win", q_win, 4, "[B, H, W, D]", FLOAT_DTYPES)
     tensor(op, "keys", keys, 4, "[B, Hkv, L, D]", FLOAT_DTYPES)
@@ -86,6 +86,11 @@ def window_scores_args(q_win, keys, q_mod, k_mod, scale, n) -> None:
         _fail(op, f"window W={W} (q_win) must be <= key length L={L} (keys)")
     positive(op, "scale", scale)
     non_negative(op, "n", n)
+    if lse is not None:
+        tensor(op, "lse", lse, 3, "[B, H, W]", (torch.float32,))
+        same_device(op, q_win=q_win, lse=lse)
+        if list(lse.shape) != [B, H, W]:
+            _fail(op, f"lse must have shape [B, H, W]={[B, H, W]} (one log-sum-exp per window query row of q_win), got {list(lse.shape)}")
 
 
 def select_keep_args(self_scores, cross_scores, k_mod, budget, recent, cross_ratio) -> None:

@@ -102,6 +102,14 @@ class CSPConfig:
         rest of the budget is the recent window.
     seed : int >= 0, default 0
         ``"random"`` only: seed of the uniform choice (combined with the layer index).
+    prefill_lse : bool, default True
+        ``"csp"`` and ``"snapkv"``: score the window in one pass, normalising each
+        window row by the log-sum-exp that the layer's prefill attention computed,
+        when that attention is torch's scaled_dot_product_attention on a flash
+        backend with the causal + padding mask the scores assume (see
+        `cspkv.prefill_lse`); otherwise, or with False, the scoring kernels
+        compute it in a first pass over the keys. The scores agree up to float
+        rounding; `PatchHandle.stats()` names per layer which way ran.
 
     Example
     -------
@@ -121,6 +129,7 @@ class CSPConfig:
     pool: Optional[int] = None
     sinks: int = 4
     seed: int = 0
+    prefill_lse: bool = True
 
     def __post_init__(self) -> None:
         _check_size("budget", self.budget, allow_zero=False)
@@ -159,6 +168,8 @@ class CSPConfig:
                 _fail(field, f"must be an int >= {low}, got {value!r}", TypeError)
             if value < low:
                 _fail(field, f"must be an int >= {low}, got {value!r}")
+        if not isinstance(self.prefill_lse, bool):
+            _fail("prefill_lse", f"must be a bool, got {self.prefill_lse!r}", TypeError)
         if self.pool is not None:
             if isinstance(self.pool, bool) or not isinstance(self.pool, int):
                 _fail("pool", f"must be an odd int >= 1 or None, got {self.pool!r}", TypeError)

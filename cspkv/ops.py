@@ -85,12 +85,19 @@ def backend(device: torch.device) -> str:
 
 
 def window_scores(
-    q_win: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *, scale: float, n: float = 1.0
+    q_win: torch.Tensor,
+    keys: torch.Tensor,
+    q_mod: torch.Tensor,
+    k_mod: torch.Tensor,
+    *,
+    scale: float,
+    n: float = 1.0,
+    lse: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused modality-masked window scores; see `cspkv.reference.window_scores`."""
     if isinstance(keys, torch.Tensor) and backend(keys.device) == "kernel":
-        return torch.ops.cspkv.window_scores.default(q_win, keys, q_mod, k_mod, scale=float(scale), n=float(n))
-    return reference.window_scores(q_win, keys, q_mod, k_mod, scale=scale, n=n)
+        return torch.ops.cspkv.window_scores.default(q_win, keys, q_mod, k_mod, scale=float(scale), n=float(n), lse=lse)
+    return reference.window_scores(q_win, keys, q_mod, k_mod, scale=scale, n=n, lse=lse)
 
 
 def select_keep(
@@ -144,8 +151,8 @@ def _register_fakes() -> None:
     # Fake kernels see only metadata: they check what needs no data (devices) so a
     # mixed-device call fails the same way under torch.compile / meta tensors.
     @torch.library.register_fake("cspkv::window_scores")
-    def _(q_win, keys, q_mod, k_mod, *, scale, n=1.0):
-        checks.same_device("window_scores", q_win=q_win, keys=keys, q_mod=q_mod, k_mod=k_mod)
+    def _(q_win, keys, q_mod, k_mod, *, scale, n=1.0, lse=None):
+        checks.same_device("window_scores", q_win=q_win, keys=keys, q_mod=q_mod, k_mod=k_mod, lse=lse)
         B, Hkv, L = keys.shape[0], keys.shape[1], keys.shape[2]
         return keys.new_empty((B, Hkv, L), dtype=torch.float32), keys.new_empty((B, Hkv, L), dtype=torch.float32)
 

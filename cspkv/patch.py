@@ -43,7 +43,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from . import cache as cache_mod
-from . import models, ops, policy
+from . import models, ops, policy, prefill_lse
 from .config import CSPConfig, resolve
 from .modality import check_shape, mask_padding, validate_ids
 
@@ -90,6 +90,7 @@ class _Call:
         self._ids: Optional[torch.Tensor] = None
         self._on_device: Dict[torch.device, tuple] = {}
         self._chunk_live: Dict[tuple, Optional[torch.Tensor]] = {}
+        self.checked_masks: Dict[int, tuple] = {}  # prefill_lse.window_lse's memo
         self.plans: Optional[List[policy.RowPlan]] = None
         self.logged_short = False
 
@@ -234,11 +235,14 @@ class _LayerPatch:
         )
         if prefill:
             self._check_supported(kwargs, dropout)
-        output = self.original_attention()(
-            self.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        config = self.handle.config
+        capture = prefill_lse.Capture() if prefill and config.prefill_lse and config.policy in prefill_lse.POLICIES else None
+        with capture if capture is not None else contextlib.nullcontext():
+            output = self.original_attention()(
+                self.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
         if prefill:
-            self._prune(layer, query, key, value, scaling)
+            self._prune(layer, query, key, value, scaling, capture)
         elif layer is not None and key.shape[-2] == query.shape[-2]:
             self._skip(f"its cache layer is a {type(layer).__name__}", key.shape[-2])
         return output
@@ -267,7 +271,7 @@ class _LayerPatch:
         self.stats = {"layer": self.layer_idx, "pruned": False, "reason": reason, "prompt_len": length}
         logger.debug("cspkv: layer %d not pruned: %s", self.layer_idx, reason)
 
-    def _prune(self, layer, query, key, value, scaling) -> None:
+    def _prune(self, layer, query, key, value, scaling, capture: Optional[prefill_lse.Capture]) -> None:
         handle, config = self.handle, self.handle.config
         call = handle._call
         if call is None:  # the attention module was called outside the model's forward
@@ -286,8 +290,14 @@ class _LayerPatch:
         nvtx = handle.nvtx and device.type == "cuda"
         timer = _Timer(device)
         bytes_before = key.numel() * key.element_size() + value.numel() * value.element_size()
+        scoring = {}
+        lse = None
+        if config.policy in prefill_lse.POLICIES:
+            lse, why = prefill_lse.window_lse(capture, scale=scaling, query=query, k_mod=k_mod, q_mod=q_mod, plans=plans,
+                                              checked_masks=call.checked_masks)
+            scoring["scoring"] = "one pass (log-sum-exp of the prefill attention)" if lse is not None else f"two passes: {why}"
         with _Range("cspkv::score", nvtx):
-            self_scores, cross_scores = policy.scores(config, query, key, q_mod, k_mod, scale=scaling, layer=self.layer_idx)
+            self_scores, cross_scores = policy.scores(config, query, key, q_mod, k_mod, scale=scaling, layer=self.layer_idx, lse=lse)
         with _Range("cspkv::select", nvtx):
             keep_idx, keep_valid = policy.select(self_scores, cross_scores, k_mod, plans)
         with _Range("cspkv::compact", nvtx):
@@ -304,6 +314,7 @@ class _LayerPatch:
             "kv_bytes_before": bytes_before,
             "kv_bytes_after": keys_c.numel() * keys_c.element_size() + values_c.numel() * values_c.element_size(),
             "device": str(device),
+            **scoring,
         }
 
     def snapshot(self) -> dict:

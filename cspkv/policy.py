@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -135,16 +135,19 @@ def window_query_ids(k_mod: torch.Tensor, plans: Sequence[RowPlan]) -> torch.Ten
 
 
 def score(
-    q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *, scale: float, n: float, pool: int = 1
+    q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *, scale: float, n: float, pool: int = 1,
+    lse: Optional[torch.Tensor] = None,
 ):
     """(self_scores, cross_scores) float32 [B, Hkv, L] of the last q_mod.shape[1] queries of `q` [B, H, Lq, D].
+
+    `lse` [B, H, W]: the window rows' log-sum-exp, if known (see `ops.window_scores`).
 
     With `pool` > 1 (odd) each score becomes the maximum over the `pool` keys
     centred on it, so the neighbours of a strongly attended token rank with it.
     Padding keys may then carry a score, but `select_keep` never keeps padding.
     """
     W = q_mod.shape[1]
-    self_scores, cross_scores = ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=n)
+    self_scores, cross_scores = ops.window_scores(q[:, :, -W:, :], keys, q_mod, k_mod, scale=scale, n=n, lse=lse)
     if pool > 1:
         self_scores = F.max_pool1d(self_scores, pool, stride=1, padding=pool // 2)
         cross_scores = F.max_pool1d(cross_scores, pool, stride=1, padding=pool // 2)
@@ -152,17 +155,18 @@ def score(
 
 
 def scores(config: CSPConfig, q: torch.Tensor, keys: torch.Tensor, q_mod: torch.Tensor, k_mod: torch.Tensor, *,
-           scale: float, layer: int = 0):
+           scale: float, layer: int = 0, lse: Optional[torch.Tensor] = None):
     """(self_scores, cross_scores) float32 [B, Hkv, L] for `select` under `config.policy`.
 
     CSP: `score` with n-softmax constant `config.n` and max-pool width
     `config.pool_width`. A baseline: its ranking as
     the self score and zeros as the cross score (its plans have cross_ratio 0).
-    `q` [B, H, Lq, D] holds the prefill's queries (all of them for "h2o").
+    `q` [B, H, Lq, D] holds the prefill's queries (all of them for "h2o"); `lse` [B, H, W] the
+    window rows' log-sum-exp, if known ("csp" and "snapkv" use it).
     """
     if config.policy == "csp":
-        return score(q, keys, q_mod, k_mod, scale=scale, n=config.n, pool=config.pool_width)
-    ranking = baselines.ranking(config, q, keys, q_mod, k_mod, scale=scale, layer=layer)
+        return score(q, keys, q_mod, k_mod, scale=scale, n=config.n, pool=config.pool_width, lse=lse)
+    ranking = baselines.ranking(config, q, keys, q_mod, k_mod, scale=scale, layer=layer, lse=lse)
     return ranking, torch.zeros_like(ranking)
 
 

@@ -26,10 +26,17 @@ import torch
 from . import checks
 
 
-def _nsoftmax(logits: torch.Tensor, allowed: torch.Tensor, n: float) -> torch.Tensor:
-    """n-softmax over the last dim restricted to `allowed`; 0 where not allowed."""
+def _nsoftmax(logits: torch.Tensor, allowed: torch.Tensor, n: float, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """n-softmax over the last dim restricted to `allowed`; 0 where not allowed.
+
+    `lse` (broadcastable to logits[..., :1]) replaces the rows' log-sum-exp; a row
+    whose given lse is -inf adds nothing.
+    """
     masked = logits.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+    if lse is None:
+        lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+    else:
+        allowed = allowed & (lse > float("-inf"))
     if n > 0:
         lse = torch.logaddexp(lse, torch.tensor(math.log(n), dtype=lse.dtype, device=lse.device))
     return torch.where(allowed, torch.exp(masked - lse), torch.zeros((), dtype=logits.dtype, device=logits.device))
@@ -43,6 +50,7 @@ def window_scores(
     *,
     scale: float,
     n: float = 1.0,
+    lse: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Self- and cross-modality attention mass each key gets from the window.
 
@@ -54,6 +62,10 @@ def window_scores(
     k_mod : [B, L] int32/int64 modality ids of the keys (-1 = padding).
     scale : logit scale, > 0 (usually 1/sqrt(D)).
     n : n-softmax constant, >= 0 (0 = plain softmax).
+    lse : optional float32 [B, H, W], each window query row's log-sum-exp of its
+        scaled logits over the keys it may see (as the prefill attention computes
+        it). The kernels then skip the pass that computes it; a row whose lse is
+        -inf adds nothing. Values inconsistent with the keys give wrong scores.
 
     Returns
     -------
@@ -72,7 +84,7 @@ def window_scores(
     >>> s.shape, c.shape
     (torch.Size([1, 2, 5]), torch.Size([1, 2, 5]))
     """
-    checks.window_scores_args(q_win, keys, q_mod, k_mod, scale, n)
+    checks.window_scores_args(q_win, keys, q_mod, k_mod, scale, n, lse)
     B, H, W, D = q_win.shape
     Hkv, L = keys.shape[1], keys.shape[2]
     G = H // Hkv
@@ -82,7 +94,8 @@ def window_scores(
     positions = torch.arange(L, device=keys.device)
     causal = positions[None, :] <= (L - W + torch.arange(W, device=keys.device))[:, None]  # [W, L]
     allowed = causal[None] & (k_mod >= 0)[:, None, :] & (q_mod >= 0)[:, :, None]  # [B, W, L]
-    probs = _nsoftmax(logits, allowed[:, None, None], n)  # [B, Hkv, G, W, L]
+    row_lse = None if lse is None else lse.reshape(B, Hkv, G, W, 1)
+    probs = _nsoftmax(logits, allowed[:, None, None], n, row_lse)  # [B, Hkv, G, W, L]
 
     same = (q_mod[:, :, None] == k_mod[:, None, :])[:, None, None]  # [B, 1, 1, W, L]
     self_scores = (probs * same).sum(dim=(2, 3))

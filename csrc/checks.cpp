@@ -70,7 +70,7 @@ constexpr const char* kIds = "int32 or int64";
 
 WindowScoresShape check_window_scores(const at::Tensor& q_win, const at::Tensor& keys,
                                       const at::Tensor& q_mod, const at::Tensor& k_mod,
-                                      double scale, double n) {
+                                      double scale, double n, const c10::optional<at::Tensor>& lse) {
   const char* op = "window_scores";
   check_tensor(op, "q_win", q_win, 4, "[B, H, W, D]", is_float, kFloats);
   check_tensor(op, "keys", keys, 4, "[B, Hkv, L, D]", is_float, kFloats);
@@ -93,6 +93,13 @@ WindowScoresShape check_window_scores(const at::Tensor& q_win, const at::Tensor&
                     s.L, " (keys)");
   check_positive(op, "scale", scale);
   check_non_negative(op, "n", n);
+  if (lse.has_value()) {
+    auto is_f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat; };
+    check_tensor(op, "lse", *lse, 3, "[B, H, W]", is_f32, "float32");
+    check_same_device(op, {{"q_win", &q_win}, {"lse", &*lse}});
+    TORCH_CHECK_VALUE(lse->sizes() == q_win.sizes().slice(0, 3), "cspkv.", op, ": lse must have shape [B, H, W]=",
+                      q_win.sizes().slice(0, 3), " (one log-sum-exp per window query row of q_win), got ", lse->sizes());
+  }
   return s;
 }
 

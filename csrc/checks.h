@@ -15,7 +15,7 @@ struct WindowScoresShape {
 
 WindowScoresShape check_window_scores(const at::Tensor& q_win, const at::Tensor& keys,
                                       const at::Tensor& q_mod, const at::Tensor& k_mod,
-                                      double scale, double n);
+                                      double scale, double n, const c10::optional<at::Tensor>& lse);
 
 // Value checks on keep_idx (range, strict order) need the data: the CPU
 // implementation runs them on the host, the CUDA one inside its kernel.

@@ -18,7 +18,8 @@
 
 TORCH_LIBRARY(cspkv, m) {
   m.def(
-      "window_scores(Tensor q_win, Tensor keys, Tensor q_mod, Tensor k_mod, *, float scale, float n=1.0)"
+      "window_scores(Tensor q_win, Tensor keys, Tensor q_mod, Tensor k_mod, *, float scale, float n=1.0,"
+      " Tensor? lse=None)"
       " -> (Tensor self_scores, Tensor cross_scores)");
   m.def(
       "select_keep(Tensor self_scores, Tensor cross_scores, Tensor k_mod, *, int budget, int recent,"

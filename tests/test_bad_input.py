@@ -79,6 +79,11 @@ CASES = [
     Bad("window_scores", "scale-inf", lambda a, other: dict(scale=float("inf")), V, ("scale",)),
     Bad("window_scores", "n-negative", lambda a, other: dict(n=-1.0), V, ("n",)),
     Bad("window_scores", "n-inf", lambda a, other: dict(n=float("inf")), V, ("n",)),
+    Bad("window_scores", "lse-rank2", lambda a, other: dict(lse=torch.zeros(2, 4)), V, ("lse",)),
+    Bad("window_scores", "lse-shape", lambda a, other: dict(lse=torch.zeros(2, 4, 6)), V, ("lse", "[B, H, W]")),
+    Bad("window_scores", "lse-heads", lambda a, other: dict(lse=torch.zeros(2, 2, 3)), V, ("lse", "[B, H, W]")),
+    Bad("window_scores", "lse-float16", lambda a, other: dict(lse=torch.zeros(2, 4, 3, dtype=torch.float16)), T, ("lse", "float32")),
+    Bad("window_scores", "lse-on-other-device", lambda a, other: dict(lse=torch.zeros(2, 4, 3, device=other)), V, ("lse",)),
     # --------------------------------------------------------- select_keep
     Bad("select_keep", "self_scores-rank2", lambda a, other: dict(self_scores=a["self_scores"][0]), V, ("self_scores",)),
     Bad("select_keep", "k_mod-rank3", lambda a, other: dict(k_mod=a["k_mod"][None]), V, ("k_mod",)),

@@ -28,7 +28,8 @@ def test_bench_ops_quick_writes_its_results(tmp_path, extension):
     stdout = run_script("bench_ops.py", "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path))
     (json_file,) = tmp_path.glob("ops-cpu-*-quick.json")
     rows = json.loads(json_file.read_text())["rows"]
-    assert [r["op"] for r in rows][:4] == ["window_scores", "select_keep", "compact_kv", "nsoftmax_attention (decode)"]
+    assert [r["op"] for r in rows][:5] == ["window_scores", "window_scores (lse given)", "select_keep", "compact_kv",
+                                         "nsoftmax_attention (decode)"]
     assert all(r["kernel_ms"] > 0 for r in rows)
     assert "## Targets" in stdout and "CPU compact_kv" in stdout
 

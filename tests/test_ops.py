@@ -12,6 +12,7 @@ the case feed `select_keep`, whose keep_idx feeds `compact_kv`.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -163,6 +164,69 @@ def test_window_scores(case, kernels, device):
     for i, name in enumerate(("self_scores", "cross_scores")):
         assert got[i].dtype == torch.float32 and got[i].device.type == device.type, name
         assert_matches_oracle(got[i], want[i], None if lowp is None else lowp[i], row_scale=row_scale, what=name)
+
+
+def window_row_lse(q_win, keys, q_mod, k_mod, scale) -> torch.Tensor:
+    """float32 [B, H, L] as the prefill attention gives it: the last W columns hold each window
+    row's log-sum-exp over the keys it may see (float64 math); NaN elsewhere and at padding
+    query rows, which window_scores must never read."""
+    B, H, W, D = q_win.shape
+    Hkv, L = keys.shape[1], keys.shape[2]
+    logits = torch.einsum("bhwd,bhld->bhwl", q_win.double(), keys.double().repeat_interleave(H // Hkv, dim=1)) * scale
+    positions = torch.arange(L)
+    causal = positions[None, :] <= (L - W + torch.arange(W))[:, None]
+    allowed = causal[None] & (k_mod >= 0)[:, None, :]  # [B, W, L]
+    lse = logits.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1).float()
+    full = torch.full((B, H, L), float("nan"))
+    full[..., L - W :] = lse.masked_fill((q_mod < 0)[:, None, :], float("nan"))
+    return full
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_window_scores_given_lse(case, kernels, device):
+    """One pass with the rows' log-sum-exp given = the two-pass scores (reference and kernel)."""
+    q_win, keys, q_mod, k_mod = window_inputs(case)
+    kw = dict(scale=case.D**-0.5, n=case.n)
+    lse = window_row_lse(q_win, keys, q_mod, k_mod, kw["scale"])[..., -case.W :]  # a strided slice
+    got = kernels.window_scores(
+        place(q_win, case.layout, device), place(keys, case.layout, device),
+        place(q_mod, case.layout, device), place(k_mod, case.layout, device), lse=lse.to(device), **kw,
+    )
+    want = oracle(ref.window_scores, q_win, keys, q_mod, k_mod, **kw)
+    from_lse = oracle(ref.window_scores, q_win, keys, q_mod, k_mod, lse=lse, **kw)
+    lowp = None if case.dtype == torch.float32 else same_precision(ref.window_scores, q_win, keys, q_mod, k_mod, **kw)
+    row_scale = scores_row_scale(*want)
+    for i, name in enumerate(("self_scores", "cross_scores")):
+        assert_matches_oracle(from_lse[i], want[i], None, row_scale=row_scale, what=f"reference {name}")
+        assert_matches_oracle(got[i], want[i], None if lowp is None else lowp[i], row_scale=row_scale, what=name)
+
+
+def test_window_scores_lse_is_what_normalises(kernels, device):
+    """The given lse is used, not recomputed: adding c to a row's lse scales its mass by exp(-c)
+    (n = 0); a row whose lse is -inf adds nothing."""
+    gen = generator(5)
+    B, H, Hkv, W, L, D = 1, 4, 2, 3, 40, 16
+    q_win, keys = randn((B, H, W, D), torch.float32, gen), randn((B, Hkv, L, D), torch.float32, gen)
+    k_mod = torch.zeros(B, L, dtype=torch.long)
+    q_mod = k_mod[:, -W:].clone()
+    lse = window_row_lse(q_win, keys, q_mod, k_mod, 0.25)[..., -W:].contiguous()
+    shifted = lse.clone()
+    shifted[0, 2, 1] += 1.0  # query head 2 (KV head 1), window row 1
+    shifted[0, 0, :] = float("-inf")  # query head 0 (KV head 0) adds nothing
+    args = [t.to(device) for t in (q_win, keys, q_mod, k_mod)]
+    base = kernels.window_scores(*args, scale=0.25, n=0.0, lse=lse.to(device))[0].cpu()
+    got = kernels.window_scores(*args, scale=0.25, n=0.0, lse=shifted.to(device))[0].cpu()
+
+    def per_row(h, w):  # the mass one query row alone gives, as [L]
+        end = L - W + w + 1  # the row sees keys j < end
+        one = ref.window_scores(q_win[:, h : h + 1, w : w + 1], keys[:, h // 2 : h // 2 + 1, :end], q_mod[:, w : w + 1],
+                                k_mod[:, :end], scale=0.25, n=0.0)[0][0, 0]
+        return torch.nn.functional.pad(one, (0, L - end))
+
+    want = base.clone()
+    want[0, 1] -= per_row(2, 1) * (1 - math.exp(-1.0))
+    want[0, 0] -= sum(per_row(0, w) for w in range(W))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 @pytest.mark.parametrize("scores", ["window", "ties", "special"])
@@ -468,6 +532,8 @@ def _opcheck_args(name, dtype):
     k_mod = modality_ids(B, L, "left", gen)
     if name == "window_scores":
         return (q, keys, k_mod[:, -W:].clone(), k_mod), dict(scale=0.25, n=1.0)
+    if name == "window_scores_lse":
+        return (q, keys, k_mod[:, -W:].clone(), k_mod), dict(scale=0.25, n=1.0, lse=torch.randn(B, H, W, generator=gen))
     if name == "select_keep":
         s, c = ref.window_scores(q, keys, k_mod[:, -W:], k_mod, scale=0.25)
         return (s, c, k_mod), dict(budget=5, recent=1, cross_ratio=0.4)
@@ -480,10 +546,13 @@ OPCHECK_CASES = [
     pytest.param(name, dtype, id=f"{name}-{DTYPE_NAMES[dtype]}")
     for name in ("window_scores", "compact_kv", "nsoftmax_attention")
     for dtype in FLOAT_DTYPES
-] + [pytest.param("select_keep", torch.float32, id="select_keep-f32")]  # scores are float32 only
+] + [
+    pytest.param("select_keep", torch.float32, id="select_keep-f32"),  # scores are float32 only
+    pytest.param("window_scores_lse", torch.bfloat16, id="window_scores-lse-bf16"),
+]
 
 
 @pytest.mark.parametrize("name, dtype", OPCHECK_CASES)
 def test_opcheck(name, dtype, kernels):
     args, kwargs = _opcheck_args(name, dtype)
-    torch.library.opcheck(getattr(torch.ops.cspkv, name).default, args, kwargs)
+    torch.library.opcheck(getattr(torch.ops.cspkv, name.removesuffix("_lse")).default, args, kwargs)

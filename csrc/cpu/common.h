@@ -22,6 +22,7 @@
 namespace cspkv::cpu {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 // 8 floats, one AVX register: the clones use ymm registers (full FMA rate on
 // AVX2 and AVX-512 parts alike), the baseline clone pairs of SSE registers.

@@ -5,7 +5,9 @@
 // against all keys it may see. A register-blocked micro-kernel fills the tile's
 // logits from keys packed once per task; each row is then normalised with a
 // single exp per entry (max, then exp(s - max) kept in place, then the row
-// factor of cspkv::cpu::nsoftmax_factor) and added to the key scores.
+// factor of cspkv::cpu::nsoftmax_factor) and added to the key scores. With
+// given log-sum-exps (`lse`) the max and sum are not needed: one pass of
+// exp(s - log denominator) per row.
 // Scratch per task: one logits tile (<= 256 KiB unless L > 8192), one KV head of
 // packed float32 keys, and 2 x L partial scores when a KV head is split between
 // threads. No ATen call runs inside the parallel region: at::mm there would
@@ -19,6 +21,7 @@
 #include "checks.h"
 #include "cpu/common.h"
 #include "dispatch.h"
+#include "window_lse.h"
 
 namespace cspkv {
 namespace {
@@ -96,12 +99,15 @@ void tile_logits(const float* q,       // [rows, D]
 }
 
 // Adds the n-softmax probabilities of `rows` query rows to the scores of the
-// keys they see, split by whether query and key share a modality.
+// keys they see, split by whether query and key share a modality. Without
+// `log_den` each row is normalised by its own max and sum; with it (given
+// log-sum-exps, see window_lse.h) a probability is one exp.
 CSPKV_CPU_CLONES
 void accumulate_window_rows(float* logits,          // [rows, ld] q . k in, overwritten
                             int64_t ld, int64_t rows,
                             const int64_t* ends,    // [rows] row r sees keys j < ends[r]
                             const int32_t* q_mods,  // [rows] modality of row r's query, >= 0
+                            const float* log_den,   // [rows] log n-softmax denominators, or nullptr
                             const int32_t* k_mod,   // [L] key modalities, -1 = padding
                             float scale, double n,
                             float* self_scores,     // [L] accumulated into
@@ -110,22 +116,34 @@ void accumulate_window_rows(float* logits,          // [rows, ld] q . k in, over
     float* s = logits + r * ld;
     const int64_t end = ends[r];
     const int32_t q_mod = q_mods[r];
-    float m = kNegInf;
+    float factor = 1.0f;  // s[j] * factor is the probability once s holds exps
+    if (log_den != nullptr) {
+      const float den = log_den[r];
+      if (den == cpu::kPosInf) continue;  // no key to attend to (lse = -inf)
+#pragma omp simd
+      for (int64_t j = 0; j < end; ++j) {
+        // min: a given log-sum-exp may sit a rounding error below the row's largest logit.
+        const float e = cpu::exp_nonpositive(std::min(s[j] * scale - den, 0.0f));
+        s[j] = k_mod[j] >= 0 ? e : 0.0f;
+      }
+    } else {
+      float m = kNegInf;
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < end; ++j) {
-      const float x = k_mod[j] >= 0 ? s[j] * scale : kNegInf;
-      s[j] = x;
-      m = x > m ? x : m;
-    }
-    if (m == kNegInf) continue;  // no key to attend to: the row has no probability mass
-    float sum = 0.0f;
+      for (int64_t j = 0; j < end; ++j) {
+        const float x = k_mod[j] >= 0 ? s[j] * scale : kNegInf;
+        s[j] = x;
+        m = x > m ? x : m;
+      }
+      if (m == kNegInf) continue;  // no key to attend to: the row has no probability mass
+      float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < end; ++j) {
-      const float e = cpu::exp_nonpositive(s[j] - m);
-      s[j] = e;
-      sum += e;
+      for (int64_t j = 0; j < end; ++j) {
+        const float e = cpu::exp_nonpositive(s[j] - m);
+        s[j] = e;
+        sum += e;
+      }
+      factor = cpu::nsoftmax_factor(m, sum, n);
     }
-    const float factor = cpu::nsoftmax_factor(m, sum, n);
 #pragma omp simd
     for (int64_t j = 0; j < end; ++j) {
       const float p = s[j] * factor;
@@ -147,6 +165,7 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
                           KeyStrides ks,
                           const int32_t* q_mod,   // [B, W]
                           const int32_t* k_mod,   // [B, L]
+                          const float* log_den,   // [B, H, W] contiguous (window_lse.h), or nullptr
                           const WindowScoresShape& shape, float scale, double n,
                           float* self_out,        // [B, Hkv, L] zero-filled
                           float* cross_out) {     // [B, Hkv, L] zero-filled
@@ -175,6 +194,7 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
     std::vector<float> logits(tile_rows * max_panels * kPanelKeys);
     std::vector<int64_t> ends(tile_rows);
     std::vector<int32_t> q_mods(tile_rows);
+    std::vector<float> row_log_den(log_den != nullptr ? tile_rows : 0);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t head = task / parts, part = task % parts;
       const int64_t b = head / Hkv, h = head % Hkv;
@@ -200,13 +220,15 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
           for (int64_t d = 0; d < D; ++d) q_tile[r * D + d] = static_cast<float>(q_row[d]);
           ends[r] = L - W + w + 1;
           q_mods[r] = q_mod[b * W + w];
+          if (log_den != nullptr) row_log_den[r] = log_den[(b * H + h * G + g) * W + w];
         }
         std::fill(q_tile.begin() + n_rows * D, q_tile.begin() + padded_rows * D, 0.0f);
         const int64_t n_panels = cpu::ceil_div(ends[n_rows - 1], kPanelKeys);
         const int64_t ld = n_panels * kPanelKeys;
         tile_logits(q_tile.data(), padded_rows, D, panels.data(), n_panels, logits.data(), ld);
-        accumulate_window_rows(logits.data(), ld, n_rows, ends.data(), q_mods.data(), k_mod + b * L,
-                               scale, n, self_dst, cross_dst);
+        accumulate_window_rows(logits.data(), ld, n_rows, ends.data(), q_mods.data(),
+                               log_den != nullptr ? row_log_den.data() : nullptr, k_mod + b * L, scale, n,
+                               self_dst, cross_dst);
       }
     }
   });
@@ -231,8 +253,8 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
 
 std::tuple<at::Tensor, at::Tensor> window_scores_cpu(const at::Tensor& q_win, const at::Tensor& keys,
                                                      const at::Tensor& q_mod, const at::Tensor& k_mod,
-                                                     double scale, double n) {
-  const WindowScoresShape shape = check_window_scores(q_win, keys, q_mod, k_mod, scale, n);
+                                                     double scale, double n, const c10::optional<at::Tensor>& lse) {
+  const WindowScoresShape shape = check_window_scores(q_win, keys, q_mod, k_mod, scale, n, lse);
   const at::Tensor q = q_win.contiguous();  // W x H x D: small next to the keys
   const at::Tensor k = keys.stride(3) == 1 ? keys : keys.contiguous();
   const at::Tensor q_ids = q_mod.to(at::kInt).contiguous();
@@ -240,10 +262,12 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cpu(const at::Tensor& q_win, co
   const auto f32 = keys.options().dtype(at::kFloat);
   at::Tensor self_scores = at::zeros({shape.B, shape.Hkv, shape.L}, f32);
   at::Tensor cross_scores = at::zeros({shape.B, shape.Hkv, shape.L}, f32);
+  const at::Tensor log_den = lse.has_value() ? window_log_denominator(*lse, n) : at::Tensor();
   CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "window_scores_cpu", [&] {
     window_scores_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                    {k.stride(0), k.stride(1), k.stride(2)}, q_ids.data_ptr<int32_t>(),
-                                   k_ids.data_ptr<int32_t>(), shape, static_cast<float>(scale), n,
+                                   k_ids.data_ptr<int32_t>(), log_den.defined() ? log_den.data_ptr<float>() : nullptr,
+                                   shape, static_cast<float>(scale), n,
                                    self_scores.data_ptr<float>(), cross_scores.data_ptr<float>());
   });
   return {self_scores, cross_scores};

@@ -19,6 +19,7 @@
 #include "dispatch.h"
 #include "launch.h"
 #include "nvtx.h"
+#include "window_lse.h"
 #include "window_scores.cuh"
 #include "window_scores_mma.cuh"
 
@@ -100,8 +101,8 @@ void with_mma_instance(bool bf16, int64_t D, F&& f) {
 
 std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, const at::Tensor& keys,
                                                       const at::Tensor& q_mod, const at::Tensor& k_mod,
-                                                      double scale, double n) {
-  const WindowScoresShape s = check_window_scores(q_win, keys, q_mod, k_mod, scale, n);
+                                                      double scale, double n, const c10::optional<at::Tensor>& lse) {
+  const WindowScoresShape s = check_window_scores(q_win, keys, q_mod, k_mod, scale, n, lse);
   TORCH_CHECK_VALUE(s.D <= kMaxHeadDim, "cspkv.window_scores: head dim D=", s.D,
                     " is larger than the CUDA kernel supports (", kMaxHeadDim, ")");
   const int64_t G = s.H / s.Hkv;
@@ -124,39 +125,49 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
   at::Tensor self_scores = at::empty({s.B, s.Hkv, s.L}, f32);
   at::Tensor cross_scores = at::empty({s.B, s.Hkv, s.L}, f32);
 
-  // Pass 1 parallelism: enough (row tile, key split) blocks to fill the GPU
-  // about twice; splits are whole key tiles.
+  // Pass 1, skipped when the caller gives each row's log-sum-exp: row
+  // statistics from enough (row tile, key split) blocks to fill the GPU about
+  // twice (splits are whole key tiles); pass 1b merges them into the log
+  // n-softmax denominator of each row.
+  NvtxRange range("cspkv::window_scores");
   const int64_t rows = G * s.W;
+  const int64_t all_rows = s.B * s.Hkv * rows;
   const int64_t row_tiles = ceil_div<int64_t>(rows, tensor_cores ? window_mma::kStationary : window::kTileRows);
-  const KeySplits splits = split_keys(s.L, row_tiles * s.B * s.Hkv, 2, window::kTileKeys, window::kMaxSplits);
-  const int64_t nsplit = splits.count, keys_per_split = splits.keys_per_split;
-
-  at::Tensor row_stats = at::empty({s.B * s.Hkv * rows, nsplit, 2}, f32);
-  at::Tensor log_denominator = at::empty({s.B * s.Hkv * rows}, f32);
-  float2* stats = reinterpret_cast<float2*>(row_stats.data_ptr<float>());
+  KeySplits splits{0, 0};
+  at::Tensor row_stats, log_denominator;
+  if (lse.has_value()) {
+    log_denominator = window_log_denominator(*lse, n);  // [B, H, W] = [B * Hkv, G * W]: row r = g * W + w
+  } else {
+    splits = split_keys(s.L, row_tiles * s.B * s.Hkv, 2, window::kTileKeys, window::kMaxSplits);
+    row_stats = at::empty({all_rows, splits.count, 2}, f32);
+    log_denominator = at::empty({all_rows}, f32);
+  }
+  const bool pass1 = !lse.has_value();
+  float2* stats = pass1 ? reinterpret_cast<float2*>(row_stats.data_ptr<float>()) : nullptr;
+  const int nsplit = static_cast<int>(splits.count), keys_per_split = static_cast<int>(splits.keys_per_split);
   const dim3 stats_grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(nsplit),
                         static_cast<unsigned>(s.B * s.Hkv));
   const bool use_n = n > 0;
   const float log_n = use_n ? static_cast<float>(std::log(n)) : 0.f;
   auto merge_splits = [&] {  // pass 1b, shared by both kernel families
-    const int64_t all_rows = s.B * s.Hkv * rows;
     window_row_lse_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(all_rows, 256)), 256, 0, stream>>>(
-        stats, all_rows, static_cast<int>(nsplit), use_n, log_n, log_denominator.data_ptr<float>());
+        stats, all_rows, nsplit, use_n, log_n, log_denominator.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
 
-  NvtxRange range("cspkv::window_scores");
   if (tensor_cores) {
     const WindowScoresParams<uint16_t> p = window_params<uint16_t>(q, k, qm, km, s, G, scale, q_vec16, k_vec16);
     const size_t smem = window_mma::shared_memory_bytes(window_mma::padded_dim(static_cast<int>(s.D)));
     with_mma_instance(q.scalar_type() == at::kBFloat16, s.D, [&](auto is_bf16, auto kd) {
       constexpr bool kBF16 = decltype(is_bf16)::value;
       constexpr int kD = decltype(kd)::value;
-      set_dynamic_shared_memory(window_row_stats_mma_kernel<kBF16, kD>, smem, "window_scores");
-      window_row_stats_mma_kernel<kBF16, kD><<<stats_grid, window_mma::kThreads, smem, stream>>>(
-          p, static_cast<int>(keys_per_split), static_cast<int>(nsplit), stats);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      merge_splits();
+      if (pass1) {
+        set_dynamic_shared_memory(window_row_stats_mma_kernel<kBF16, kD>, smem, "window_scores");
+        window_row_stats_mma_kernel<kBF16, kD><<<stats_grid, window_mma::kThreads, smem, stream>>>(
+            p, keys_per_split, nsplit, stats);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        merge_splits();
+      }
       set_dynamic_shared_memory(window_scores_mma_kernel<kBF16, kD>, smem, "window_scores");
       const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(s.L, window_mma::kStationary)),
                       static_cast<unsigned>(s.B * s.Hkv));
@@ -168,11 +179,13 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
     CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cspkv.window_scores", [&] {
       const WindowScoresParams<scalar_t> p = window_params<scalar_t>(q, k, qm, km, s, G, scale, q_vec16, k_vec16);
       const size_t smem = window::shared_memory_bytes(p.padded_d);
-      set_dynamic_shared_memory(window_row_stats_kernel<scalar_t>, smem, "window_scores");
-      window_row_stats_kernel<scalar_t><<<stats_grid, window::kThreads, smem, stream>>>(
-          p, static_cast<int>(keys_per_split), static_cast<int>(nsplit), stats);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      merge_splits();
+      if (pass1) {
+        set_dynamic_shared_memory(window_row_stats_kernel<scalar_t>, smem, "window_scores");
+        window_row_stats_kernel<scalar_t><<<stats_grid, window::kThreads, smem, stream>>>(
+            p, keys_per_split, nsplit, stats);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        merge_splits();
+      }
       set_dynamic_shared_memory(window_scores_kernel<scalar_t>, smem, "window_scores");
       const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(s.L, window::kTileKeys)),
                       static_cast<unsigned>(s.B * s.Hkv));

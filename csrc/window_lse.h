@@ -1,0 +1,24 @@
+// window_scores with a given `lse` (each window query row's log-sum-exp over
+// the keys it may see, e.g. from the prefill attention) skips the kernels'
+// first pass: this turns the log-sum-exp into the log n-softmax denominator
+// that the second pass divides by. CPU and CUDA share it.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include <ATen/ATen.h>
+
+namespace cspkv {
+
+// lse float32 [B, H, W] (any strides) -> contiguous float32 [B, H, W] holding
+// logaddexp(lse, log n), or lse for n = 0. A row whose lse is -inf sees no key:
+// it gets +inf, so that any probability it could add is exp(-inf) = 0.
+inline at::Tensor window_log_denominator(const at::Tensor& lse, double n) {
+  at::Tensor den = n > 0 ? at::logaddexp(lse, at::full({}, std::log(n), lse.options()))
+                         : lse.clone(at::MemoryFormat::Contiguous);
+  den.masked_fill_(lse == -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity());
+  return den.contiguous();
+}
+
+}  // namespace cspkv
