@@ -186,3 +186,39 @@ def test_prefill_lse_must_be_a_bool():
     with pytest.raises(TypeError, match=r"CSPConfig\.prefill_lse must be a bool"):
         CSPConfig(prefill_lse=1)
     assert CSPConfig().prefill_lse is True
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_capture_on_cuda_flash(dtype, gqa):
+    q, k, v = (t.cuda() for t in _qkv(B=2, H=8, Hkv=2, L=300, D=64, dtype=dtype))
+    if not gqa:
+        k, v = (t.repeat_interleave(4, dim=1) for t in (k, v))
+    kwargs = dict(is_causal=True, enable_gqa=gqa)
+    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with prefill_lse.Capture() as capture:
+        got = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.equal(got, want), "the capture changed the attention output"
+    assert capture.lse is not None, capture.reason
+    allowed = torch.ones(300, 300, dtype=torch.bool).tril()[None, None]
+    err = (capture.lse.cpu().double() - _true_lse(q.cpu(), k.cpu(), allowed, 64 ** -0.5)).abs().max()
+    assert err < 2e-2, err
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_patched_model_on_cuda_scores_in_one_pass_and_keeps_the_same_tokens(extension):
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    (one, one_stats), (two, _) = _pruned_caches(model, prompt(180).cuda(), None)
+    assert all(s["scoring"] == ONE_PASS for s in one_stats.values()), one_stats
+    for i, (a, b) in enumerate(zip(one.layers, two.layers)):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), f"layer {i} kept other tokens"
+    ids, mask = left_pad([prompt(140, seed=1)[0], prompt(180, seed=2)[0]])
+    (_, padded_stats), _ = _pruned_caches(model, ids.cuda(), mask.cuda())
+    for s in padded_stats.values():  # a mask rules out flash on CUDA: two passes, with the reason
+        assert s["scoring"].startswith("two passes: SDPA runs its"), s["scoring"]
