@@ -85,9 +85,7 @@ def run(device: torch.device, lengths, dtype, quick: bool):
 
         def case(op, kernel, ref, bytes_moved, flops=0.0, peer=None, peer_name=""):
             with common.nvtx_range(f"{op} {label}", device):
-                t_kernel = common.median_time(kernel, device)
-                t_ref = common.median_time(ref, device) if ref is not None else None
-                t_peer = common.median_time(peer, device) if peer is not None else None
+                t_kernel, t_ref, t_peer = common.median_times([kernel, ref, peer], device)
             row = {"op": op, "model": name, "L": L, "W": W, "kernel_ms": 1e3 * t_kernel,
                    "reference_ms": 1e3 * t_ref if t_ref else "skipped (memory)",
                    "speedup": t_ref / t_kernel if t_ref else ""}
@@ -208,7 +206,8 @@ def main() -> int:
 
     header = (f"# cspkv op benchmark on {common.device_description(device)}\n\n"
               f"dtype {str(dtype).replace('torch.', '')}, batch 1, budget 20%, recent = window; "
-              f"median of up to 7 runs; reference = cspkv/reference.py on the same inputs.")
+              f"median of up to 7 runs; reference = cspkv/reference.py on the same inputs"
+              + ("; kernel, reference and peer calls interleaved round by round." if device.type == "cpu" else "."))
     if device.type == "cuda":
         header += ("\nCUDA times: events around back-to-back calls (as many as take 1 ms, at most 100), L2 "
                    "flushed before each batch; an op's time includes its host work (compact_kv runs with "

@@ -9,7 +9,7 @@ import platform
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -84,6 +84,34 @@ def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
         if time.perf_counter() > budget_end and len(times) >= 3:
             break
     return statistics.median(times)
+
+
+def median_times(fns: Sequence[Optional[Callable[[], object]]], device: torch.device, *, repeats: int = 7,
+                 max_seconds: float = 20.0) -> List[Optional[float]]:
+    """`median_time` of each fn (None for a None fn), for comparing them.
+
+    On CPU the calls are interleaved, one call of each fn per round, so that a
+    slow spell of a shared machine (this VM's speed drifts by tens of percent
+    over minutes) hits them alike; at least 3 rounds, then until `repeats`
+    rounds or `max_seconds` per fn. On CUDA each fn is timed on its own.
+    """
+    live = [fn for fn in fns if fn is not None]
+    if device.type == "cuda":
+        timed = {id(fn): median_time(fn, device, repeats=repeats, max_seconds=max_seconds) for fn in live}
+        return [timed[id(fn)] if fn is not None else None for fn in fns]
+    for fn in live:
+        for _ in range(2):
+            fn()
+    times: dict = {id(fn): [] for fn in live}
+    budget_end = time.perf_counter() + max_seconds * max(1, len(live))
+    for round_ in range(repeats):
+        for fn in live:
+            start = time.perf_counter()
+            fn()
+            times[id(fn)].append(time.perf_counter() - start)
+        if time.perf_counter() > budget_end and round_ >= 2:
+            break
+    return [statistics.median(times[id(fn)]) if fn is not None else None for fn in fns]
 
 
 def device_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 15) -> float:
