@@ -14,7 +14,9 @@ before any work.
 In the cspkv attention function, for a patched layer:
 
 * prefill (the layer's cache was empty): run the original attention function
-  for the output, then score the window (`ops.window_scores`), select
+  for the output (inside `prefill_lse.Capture`, which also keeps the
+  log-sum-exp of an SDPA flash call), then score the window
+  (`ops.window_scores`, in one pass when that log-sum-exp fits), select
   (`ops.select_keep`), compact (`ops.compact_kv`) and replace the cache layer
   by a `cspkv.cache.PrunedLayer` reporting the logical length;
 * decode / later chunks on a pruned layer: `ops.nsoftmax_attention` over the
@@ -433,7 +435,10 @@ class PatchHandle:
         Returns {"layers": {idx: {...}}, "skipped": {idx: reason}, "pruned_layers",
         "kv_bytes_before", "kv_bytes_after", "prune_ms"}. A pruned layer's entry has
         prompt_len, kept (stored slots), kept_per_row, kv_bytes_before/after,
-        prune_ms and device; an unpruned one has the reason.
+        prune_ms, device and, for the window-scoring policies (csp, snapkv),
+        scoring: "one pass (...)" when the prefill attention's log-sum-exp was
+        used, else "two passes: <why not>" (see `cspkv.prefill_lse`); an
+        unpruned one has the reason.
         """
         layers = {idx: patch.snapshot() for idx, patch in sorted(self.layers.items())}
         pruned = [s for s in layers.values() if s.get("pruned")]
