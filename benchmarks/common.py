@@ -66,21 +66,16 @@ def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
     calls as take `min_batch_seconds` (at most 100), so the host's launch cost of
     a short op overlaps the previous call's GPU work, as it does inside a model.
     """
+    if device.type != "cuda":
+        return _cpu_rounds([fn], warmup, repeats, max_seconds)[0]
     for _ in range(warmup):
         fn()
-    calls = 1
-    if device.type == "cuda":
-        single = _cuda_batch(fn, device, 1)
-        calls = max(1, min(100, math.ceil(min_batch_seconds / max(single, 1e-7))))
+    single = _cuda_batch(fn, device, 1)
+    calls = max(1, min(100, math.ceil(min_batch_seconds / max(single, 1e-7))))
     times: List[float] = []
     budget_end = time.perf_counter() + max_seconds
     for _ in range(repeats):
-        if device.type == "cuda":
-            times.append(_cuda_batch(fn, device, calls) / calls)
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+        times.append(_cuda_batch(fn, device, calls) / calls)
         if time.perf_counter() > budget_end and len(times) >= 3:
             break
     return statistics.median(times)
@@ -92,26 +87,33 @@ def median_times(fns: Sequence[Optional[Callable[[], object]]], device: torch.de
 
     On CPU the calls are interleaved, one call of each fn per round, so that a
     slow spell of a shared machine (this VM's speed drifts by tens of percent
-    over minutes) hits them alike; at least 3 rounds, then until `repeats`
-    rounds or `max_seconds` per fn. On CUDA each fn is timed on its own.
+    over minutes) hits them alike. On CUDA each fn is timed on its own.
     """
     live = [fn for fn in fns if fn is not None]
     if device.type == "cuda":
-        timed = {id(fn): median_time(fn, device, repeats=repeats, max_seconds=max_seconds) for fn in live}
-        return [timed[id(fn)] if fn is not None else None for fn in fns]
-    for fn in live:
-        for _ in range(2):
+        medians = [median_time(fn, device, repeats=repeats, max_seconds=max_seconds) for fn in live]
+    else:
+        medians = _cpu_rounds(live, 2, repeats, max_seconds)
+    it = iter(medians)
+    return [next(it) if fn is not None else None for fn in fns]
+
+
+def _cpu_rounds(fns: Sequence[Callable[[], object]], warmup: int, repeats: int, max_seconds: float) -> List[float]:
+    """Median seconds per call of each fn, timed with perf_counter one call of each per round:
+    at least 3 rounds, then until `repeats` rounds or `max_seconds` per fn."""
+    for fn in fns:
+        for _ in range(warmup):
             fn()
-    times: dict = {id(fn): [] for fn in live}
-    budget_end = time.perf_counter() + max_seconds * max(1, len(live))
+    times: List[List[float]] = [[] for _ in fns]
+    budget_end = time.perf_counter() + max_seconds * max(1, len(fns))
     for round_ in range(repeats):
-        for fn in live:
+        for fn, samples in zip(fns, times):
             start = time.perf_counter()
             fn()
-            times[id(fn)].append(time.perf_counter() - start)
+            samples.append(time.perf_counter() - start)
         if time.perf_counter() > budget_end and round_ >= 2:
             break
-    return [statistics.median(times[id(fn)]) if fn is not None else None for fn in fns]
+    return [statistics.median(samples) for samples in times]
 
 
 def device_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 15) -> float:
