@@ -106,7 +106,8 @@ class CSPConfig:
         ``"csp"`` and ``"snapkv"``: score the window in one pass, normalising each
         window row by the log-sum-exp that the layer's prefill attention computed,
         when that attention is torch's scaled_dot_product_attention on a flash
-        backend with the causal + padding mask the scores assume (see
+        backend (or cuDNN, without a mask) with the causal + padding mask the
+        scores assume (see
         `cspkv.prefill_lse`); otherwise, or with False, the scoring kernels
         compute it in a first pass over the keys. The scores agree up to float
         rounding; `PatchHandle.stats()` names per layer which way ran.

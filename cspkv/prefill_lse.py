@@ -12,9 +12,9 @@ output.
 attention function runs. When that function calls SDPA, the mode asks torch
 which backend SDPA would run (``torch._fused_sdp_choice``, SDPA's own choice)
 and, for the flash backends (CPU; CUDA with a head dim divisible by 8, which
-SDPA would not pad), calls that backend's op itself: the same computation and
-output as SDPA, plus the LSE. Any other case runs SDPA untouched and records
-why there is no LSE.
+SDPA would not pad) and for cuDNN without a mask (SDPA's choice on Hopper GPUs),
+calls that backend's op itself: the same computation and output as SDPA, plus
+the LSE. Any other case runs SDPA untouched and records why there is no LSE.
 
 `window_lse` then checks that the captured attention is the one the scores
 assume (one SDPA call over the layer's prompt, the same scale, causal with
@@ -38,6 +38,7 @@ POLICIES = ("csp", "snapkv")
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _FLASH = int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+_CUDNN = int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
 _BACKEND_NAMES = {int(b): b.name.lower() for b in torch.nn.attention.SDPBackend.__members__.values()}
 
 
@@ -61,8 +62,11 @@ def _attention_with_lse(a: dict) -> Tuple[Optional[tuple], str]:
     if torch.is_autocast_enabled(q.device.type):
         return None, "autocast is on"
     choice = torch._fused_sdp_choice(q, k, v, mask, a["dropout_p"], a["is_causal"], scale=a["scale"], enable_gqa=a["enable_gqa"])
+    if choice == _CUDNN and q.device.type == "cuda" and mask is None:
+        return _cudnn_attention_with_lse(q, k, v, a)
     if choice != _FLASH:
-        return None, f"SDPA runs its {_BACKEND_NAMES.get(int(choice), choice)} backend, which gives no log-sum-exp here"
+        with_mask = " with a mask" if mask is not None else ""
+        return None, f"SDPA runs its {_BACKEND_NAMES.get(int(choice), choice)} backend{with_mask}, which gives no log-sum-exp here"
     if q.device.type == "cpu":
         if mask is not None and mask.dtype == torch.bool:  # as SDPA does before the CPU flash op
             mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
@@ -74,6 +78,18 @@ def _attention_with_lse(a: dict) -> Tuple[Optional[tuple], str]:
         result = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, a["dropout_p"], a["is_causal"], False, scale=a["scale"])
         return (result[0], result[1]), ""
     return None, f"no log-sum-exp is taken from SDPA's flash backend on {q.device.type} with head dim {q.shape[-1]}"
+
+
+def _cudnn_attention_with_lse(q, k, v, a: dict) -> Tuple[Optional[tuple], str]:
+    """SDPA's cuDNN call (no mask) with its softmax statistics turned on: the same output, plus
+    the LSE [B, H, Lq, 1]. Should cuDNN refuse that graph, SDPA runs instead, and the reason is kept."""
+    try:
+        result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, a["dropout_p"], a["is_causal"], False, scale=a["scale"]
+        )
+    except RuntimeError as error:
+        return None, f"cuDNN attention with its log-sum-exp failed: {error}"
+    return (result[0], result[1].squeeze(-1)), ""
 
 
 class Capture(TorchFunctionMode):

@@ -8,6 +8,7 @@ scoring keeps.
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -195,14 +196,18 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 @needs_cuda
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_capture_on_cuda_flash(dtype, gqa):
+@pytest.mark.parametrize("backend", [None, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION],
+                         ids=["sdpa-choice", "flash", "cudnn"])
+def test_capture_on_cuda(backend, dtype, gqa):
     q, k, v = (t.cuda() for t in _qkv(B=2, H=8, Hkv=2, L=300, D=64, dtype=dtype))
     if not gqa:
         k, v = (t.repeat_interleave(4, dim=1) for t in (k, v))
     kwargs = dict(is_causal=True, enable_gqa=gqa)
-    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    with prefill_lse.Capture() as capture:
-        got = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    backends = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+    with backends:
+        want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        with prefill_lse.Capture() as capture:
+            got = F.scaled_dot_product_attention(q, k, v, **kwargs)
     assert torch.equal(got, want), "the capture changed the attention output"
     assert capture.lse is not None, capture.reason
     allowed = torch.ones(300, 300, dtype=torch.bool).tril()[None, None]
@@ -220,5 +225,5 @@ def test_patched_model_on_cuda_scores_in_one_pass_and_keeps_the_same_tokens(exte
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), f"layer {i} kept other tokens"
     ids, mask = left_pad([prompt(140, seed=1)[0], prompt(180, seed=2)[0]])
     (_, padded_stats), _ = _pruned_caches(model, ids.cuda(), mask.cuda())
-    for s in padded_stats.values():  # a mask rules out flash on CUDA: two passes, with the reason
+    for s in padded_stats.values():  # a mask rules out flash and is not taken to cuDNN: two passes, with the reason
         assert s["scoring"].startswith("two passes: SDPA runs its"), s["scoring"]
