@@ -330,6 +330,7 @@ def assert_launched(kernel: str, launched) -> None:
     "shape",
     [
         pytest.param(dict(B=2, H=28, Hkv=4, W=300, L=2100, D=128, n=1.0), id="gqa7-W300-L2100-D128"),
+        pytest.param(dict(B=2, H=32, Hkv=16, W=260, L=2100, D=128, n=1.0), id="gqa2-W260-L2100-D128-two-tiles"),
         pytest.param(dict(B=1, H=8, Hkv=8, W=130, L=700, D=64, n=0.0), id="mha-W130-L700-D64"),
         pytest.param(dict(B=2, H=6, Hkv=2, W=70, L=333, D=80, n=4.0), id="gqa3-W70-L333-D80"),
         pytest.param(dict(B=1, H=2, Hkv=1, W=40, L=260, D=256, n=1.0), id="gqa2-W40-L260-D256"),
@@ -338,7 +339,8 @@ def assert_launched(kernel: str, launched) -> None:
 def test_window_scores_tensor_cores_match_float32(shape, dtype, kernels):
     """Half-precision inputs run the tensor-core kernels (window_scores_mma.cuh), the same
     values in float32 the CUDA-core ones: both accumulate in float and must agree, over
-    several row and key tiles, GQA, padded head dims and left padding."""
+    several row and key tiles, GQA, padded head dims and left padding, with the pass-2
+    variant (one or two key tiles per warp) that window_scores.cu's rule picks."""
     B, H, Hkv, W, L, D, n = (shape[k] for k in ("B", "H", "Hkv", "W", "L", "D", "n"))
     gen = generator(7)
     q = randn((B, H, W, D), dtype, gen).cuda()
@@ -350,7 +352,11 @@ def test_window_scores_tensor_cores_match_float32(shape, dtype, kernels):
     want = kernels.window_scores(q.float(), keys.float(), q_mod, k_mod, **kw)
     for g, w, name in zip(got, want, ("self_scores", "cross_scores")):
         torch.testing.assert_close(g, w, rtol=2e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    assert_launched("window_scores_mma_kernel", launched)
+    padded_d = 64 if D <= 64 else (128 if D <= 128 else 256)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    two_tiles = padded_d == 128 and H // Hkv * W >= 256 and -(-L // 256) * B * Hkv >= sms
+    bf16 = "true" if dtype == torch.bfloat16 else "false"
+    assert_launched(f"window_scores_mma_kernel<{bf16}, {padded_d}, {2 if two_tiles else 1}>", launched)
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)

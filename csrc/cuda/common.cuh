@@ -48,6 +48,32 @@ __host__ __device__ __forceinline__ constexpr T max_of(T a, T b) {
   return a < b ? b : a;
 }
 
+// n / d and n % d for 0 <= n < 2^31 and a divisor 1 <= d < 2^31 fixed per
+// launch, by one 32 x 32 -> 64-bit multiply and a shift instead of an integer
+// division (which costs about 20 instructions, one of them on the SFU that the
+// kernels' exps need). With l = ceil(log2 d) and p = 31 + l, m = ceil(2^p / d)
+// fits 32 bits, and m d - 2^p < d <= 2^l makes floor(n m / 2^p) exact for
+// every n < 2^31.
+struct FastDivmod {
+  int d = 1;
+  uint32_t m = 1u << 31;
+  int p = 31;
+
+  static FastDivmod make(int divisor) {
+    FastDivmod f;
+    int l = 0;
+    while ((int64_t{1} << l) < divisor) ++l;
+    f.d = divisor;
+    f.p = 31 + l;
+    f.m = static_cast<uint32_t>(((uint64_t{1} << f.p) + static_cast<uint64_t>(divisor) - 1) / static_cast<uint64_t>(divisor));
+    return f;
+  }
+  __device__ __forceinline__ int div(int n) const {
+    return static_cast<int>((static_cast<uint64_t>(static_cast<uint32_t>(n)) * m) >> p);
+  }
+  __device__ __forceinline__ int mod(int n) const { return n - div(n) * d; }
+};
+
 // Head dims are padded to a multiple of 4 in shared memory so that query rows
 // can be read as float4; the padding columns hold zeros.
 __host__ __device__ __forceinline__ constexpr int padded_head_dim(int d) {

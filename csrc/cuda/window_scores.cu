@@ -41,13 +41,25 @@ bool tensor_core_kernels_runnable() {
   if (it != known.end()) return it->second;
   cudaFuncAttributes attr;
   bool runnable = false;
-  if (cudaFuncGetAttributes(&attr, window_scores_mma_kernel<true, 64>) == cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, window_scores_mma_kernel<true, 64, 1>) == cudaSuccess) {
     runnable = attr.ptxVersion >= 80;
   } else {
     (void)cudaGetLastError();  // no loadable image for this device: clear the error, use the CUDA-core kernels
   }
   known.emplace(device, runnable);
   return runnable;
+}
+
+// Whether pass 2 (head dim 128) takes two key tiles per warp: one block of
+// 256 keys per SM instead of two blocks of 128. An A/B of both on an H200
+// (2026-11-27, benchmarks/results/gpu-check-h200.md) found two tiles 3-9%
+// faster with at least 4 streamed row tiles and a block for every SM; in the
+// other cases one tile took 0.81-1.05x the time of two (few rows to amortise
+// the stationary tile, or too few blocks: Qwen2-VL's 4 KV heads at 4k keys).
+bool two_key_tiles(int64_t rows, int64_t L, int64_t batch_heads) {
+  if (rows < 4 * window_mma::kStreamed) return false;
+  const int64_t blocks = ceil_div<int64_t>(L, window_mma::score_keys(2)) * batch_heads;
+  return blocks >= sm_count();
 }
 
 template <typename T>
@@ -70,6 +82,7 @@ WindowScoresParams<T> window_params(const at::Tensor& q, const at::Tensor& k, co
   p.L = static_cast<int>(s.L);
   p.D = static_cast<int>(s.D);
   p.padded_d = padded_head_dim(static_cast<int>(s.D));
+  p.w_divmod = FastDivmod::make(p.W);
   p.q_vec16 = q_vec16;
   p.k_vec16 = k_vec16;
   p.scale = static_cast<float>(scale);
@@ -107,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
                     " is larger than the CUDA kernel supports (", kMaxHeadDim, ")");
   const int64_t G = s.H / s.Hkv;
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(s.L + window_mma::kStationary <= kIntMax && G * s.W <= kIntMax && s.B * s.Hkv <= 65535,
+  TORCH_CHECK_VALUE(s.L + window_mma::kMaxScoreKeys <= kIntMax && G * s.W <= kIntMax && s.B * s.Hkv <= 65535,
                     "cspkv.window_scores: sizes too large for the CUDA kernel: need L < 2^31, G*W < 2^31 and "
                     "B*Hkv <= 65535, got L=", s.L, ", G*W=", G * s.W, ", B*Hkv=", s.B * s.Hkv);
 
@@ -157,23 +170,34 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
 
   if (tensor_cores) {
     const WindowScoresParams<uint16_t> p = window_params<uint16_t>(q, k, qm, km, s, G, scale, q_vec16, k_vec16);
-    const size_t smem = window_mma::shared_memory_bytes(window_mma::padded_dim(static_cast<int>(s.D)));
     with_mma_instance(q.scalar_type() == at::kBFloat16, s.D, [&](auto is_bf16, auto kd) {
       constexpr bool kBF16 = decltype(is_bf16)::value;
       constexpr int kD = decltype(kd)::value;
       if (pass1) {
+        const size_t smem = window_mma::shared_memory_bytes(kD, window_mma::kStationary);
         set_dynamic_shared_memory(window_row_stats_mma_kernel<kBF16, kD>, smem, "window_scores");
         window_row_stats_mma_kernel<kBF16, kD><<<stats_grid, window_mma::kThreads, smem, stream>>>(
             p, keys_per_split, nsplit, stats);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         merge_splits();
       }
-      set_dynamic_shared_memory(window_scores_mma_kernel<kBF16, kD>, smem, "window_scores");
-      const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(s.L, window_mma::kStationary)),
-                      static_cast<unsigned>(s.B * s.Hkv));
-      window_scores_mma_kernel<kBF16, kD><<<grid, window_mma::kThreads, smem, stream>>>(
-          p, log_denominator.data_ptr<float>(), self_scores.data_ptr<float>(), cross_scores.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto score = [&](auto m_tiles) {
+        constexpr int kMTiles = decltype(m_tiles)::value;
+        constexpr int kKeys = window_mma::score_keys(kMTiles);
+        const size_t smem = window_mma::shared_memory_bytes(kD, kKeys);
+        set_dynamic_shared_memory(window_scores_mma_kernel<kBF16, kD, kMTiles>, smem, "window_scores");
+        const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(s.L, kKeys)), static_cast<unsigned>(s.B * s.Hkv));
+        window_scores_mma_kernel<kBF16, kD, kMTiles><<<grid, window_mma::kThreads, smem, stream>>>(
+            p, log_denominator.data_ptr<float>(), self_scores.data_ptr<float>(), cross_scores.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if constexpr (window_mma::max_score_m_tiles(kD) == 2) {
+        if (two_key_tiles(rows, s.L, s.B * s.Hkv)) {
+          score(std::integral_constant<int, 2>{});
+          return;
+        }
+      }
+      score(std::integral_constant<int, 1>{});
     });
   } else {
     CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cspkv.window_scores", [&] {

@@ -53,6 +53,7 @@ struct WindowScoresParams {
   int64_t q_stride_b, q_stride_h, q_stride_w;
   int64_t k_stride_b, k_stride_h, k_stride_l;
   int Hkv, G, W, L, D, padded_d;
+  FastDivmod w_divmod;  // by W: window row r is (g, w) = (r / W, r % W)
   bool q_vec16, k_vec16;  // rows may be read with 16-byte loads (see load_rows_to_shared)
   float scale;
 };
@@ -62,8 +63,9 @@ struct WindowScoresParams {
 template <typename scalar_t>
 __device__ __forceinline__ const scalar_t* window_query_row(const WindowScoresParams<scalar_t>& p, int b, int hkv,
                                                             int r) {
-  const int h = hkv * p.G + r / p.W;
-  return p.q_win + b * p.q_stride_b + h * p.q_stride_h + (r % p.W) * p.q_stride_w;
+  const int g = p.w_divmod.div(r);
+  const int h = hkv * p.G + g;
+  return p.q_win + b * p.q_stride_b + h * p.q_stride_h + (r - g * p.W) * p.q_stride_w;
 }
 
 // Window index w of query row r (r = g * W + w) of batch row b, or -1 when r
@@ -71,16 +73,24 @@ __device__ __forceinline__ const scalar_t* window_query_row(const WindowScoresPa
 template <typename scalar_t>
 __device__ __forceinline__ int scoring_window_index(const WindowScoresParams<scalar_t>& p, int b, int r) {
   if (r >= p.G * p.W) return -1;
-  const int w = r % p.W;
+  const int w = p.w_divmod.mod(r);
   return p.q_mod[static_cast<int64_t>(b) * p.W + w] < 0 ? -1 : w;
 }
 
 // End of the keys pass 1 visits for rows [r0, r_end) in the split starting at
 // j_begin: keys past the last position of those rows are never allowed.
+// max_inner_index (common.cuh) of window rows [r0, r_end), dividing by W without a division.
+template <typename scalar_t>
+__device__ __forceinline__ int max_window_index(const WindowScoresParams<scalar_t>& p, int r0, int r_end) {
+  const int last = r_end - 1;
+  const int g = p.w_divmod.div(last);
+  return p.w_divmod.div(r0) == g ? last - g * p.W : p.W - 1;
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ int split_key_end(const WindowScoresParams<scalar_t>& p, int r0, int r_end, int j_begin,
                                              int keys_per_split) {
-  const int last_position = p.L - p.W + max_inner_index(r0, r_end, p.W);  // window row w sits at L - W + w
+  const int last_position = p.L - p.W + max_window_index(p, r0, r_end);  // window row w sits at L - W + w
   return min_of(min_of(j_begin + keys_per_split, p.L), last_position + 1);
 }
 
@@ -267,7 +277,7 @@ __global__ void __launch_bounds__(window::kThreads)
     // Rows that all sit before this key tile see none of its keys. The
     // condition depends on block-uniform values only, so skipping keeps every
     // thread on the same __syncthreads().
-    if (offset + max_inner_index(r0, min_of(r0 + kTileRows, rows), p.W) < j0) continue;
+    if (offset + max_window_index(p, r0, min_of(r0 + kTileRows, rows)) < j0) continue;
     __syncthreads();  // the previous query tile and its row data are no longer read
     if (tid < kTileRows) {
       const int r = r0 + tid;

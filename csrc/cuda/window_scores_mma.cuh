@@ -7,14 +7,18 @@
 //      split in tiles of 64; each thread keeps running (max, sum of exp) of
 //      its two rows over its columns, merged across the lane quad at the end.
 //      window_row_lse_kernel (window_scores.cuh) then merges the splits.
-//   2. window_scores_mma_kernel: a block holds 128 keys (16 per warp, as A
-//      fragments: it computes K.Q^T) and streams the query rows in tiles of
+//   2. window_scores_mma_kernel: a block holds 16 * kMTiles keys per warp (as
+//      A fragments: it computes K.Q^T) and streams the query rows in tiles of
 //      64, skipping tiles whose rows all sit before its keys; each thread sums
-//      the probabilities of its two keys into self / cross, merged across the
-//      lane quad at the end. Blocks own disjoint keys: no atomics.
+//      the probabilities of its 2 * kMTiles keys into self / cross, merged
+//      across the lane quad at the end. Blocks own disjoint keys: no atomics.
+//      Two key tiles per warp (kMTiles = 2, kD = 128 only) use each B fragment
+//      read from shared memory for twice the MMAs and give each warp twice the
+//      independent work, at one block per SM; the binding picks them where
+//      they measured faster (window_scores.cu: two_key_tiles).
 //
-// Shared memory: the stationary tile (128 rows) and two streamed tiles (64
-// rows), each row kD + 8 16-bit words: the 16-byte pad puts the 8 rows an
+// Shared memory: the stationary tile (128 or 256 rows) and two streamed tiles
+// (64 rows), each row kD + 8 16-bit words: the 16-byte pad puts the 8 rows an
 // ldmatrix reads in 8 different bank quads. kD is D rounded up to 64, 128 or
 // 256; the extra columns are zero-filled. Rows must be 16-byte aligned with
 // D % 8 == 0 (the binding checks, else uses window_scores.cuh).
@@ -30,21 +34,36 @@ namespace window_mma {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarp;
-constexpr int kStationary = 16 * kWarps;  // rows held as A fragments, 16 per warp
+constexpr int kStationary = 16 * kWarps;  // pass 1: query rows held as A fragments, 16 per warp
 constexpr int kStreamed = 64;             // rows per streamed tile: 8 MMA n-tiles
-
-// Blocks per SM the register budget is cut for: two up to kD = 128 (at most
-// 128 registers a thread), one for kD = 256, whose A fragments alone take 64.
-constexpr int min_blocks(int kd) {
-  return kd <= 128 ? 2 : 1;
-}
 
 constexpr int padded_dim(int d) {
   return d <= 64 ? 64 : (d <= 128 ? 128 : 256);
 }
 
-inline size_t shared_memory_bytes(int kd) {
-  return sizeof(uint16_t) * static_cast<size_t>(kStationary + 2 * kStreamed) * (kd + 8);
+// Most 16-key MMA tiles per warp of pass 2: two for kD = 128, where their A
+// fragments and accumulators fit the registers of one 256-thread block per
+// SM and measured faster on large inputs (at kD = 64 two tiles took 0.98-1.22x
+// the time of one; kD = 256 does not fit).
+constexpr int max_score_m_tiles(int kd) {
+  return kd == 128 ? 2 : 1;
+}
+
+// Keys a pass-2 block holds.
+constexpr int score_keys(int m_tiles) {
+  return 16 * m_tiles * kWarps;
+}
+constexpr int kMaxScoreKeys = score_keys(2);
+
+// Blocks per SM the register budget is cut for: two for one 16-row tile per
+// warp up to kD = 128 (at most 128 registers a thread), else one (kD = 256:
+// the A fragments alone take 64 registers; two tiles per warp: 128).
+constexpr int min_blocks(int kd, int m_tiles) {
+  return kd <= 128 && m_tiles == 1 ? 2 : 1;
+}
+
+inline size_t shared_memory_bytes(int kd, int stationary_rows) {
+  return sizeof(uint16_t) * static_cast<size_t>(stationary_rows + 2 * kStreamed) * (kd + 8);
 }
 
 // Starts copying kRows rows of D 16-bit words into tile (stride kD + 8);
@@ -61,23 +80,31 @@ __device__ __forceinline__ void load_tile_async(uint16_t* tile, int D, const uin
   }
 }
 
-// This warp's 16 rows of the stationary tile as A fragments, one per 16 columns.
-template <int kD>
-__device__ __forceinline__ void load_a_fragments(uint32_t (&a)[kD / 16][4], const uint16_t* tile, int warp, int lane) {
-  const uint16_t* row = tile + (warp * 16 + lane % 16) * (kD + 8) + (lane / 16) * 8;
+// This warp's kMTiles x 16 rows of the stationary tile (from row warp * 16 *
+// kMTiles) as A fragments, one per 16 rows and 16 columns.
+template <int kD, int kMTiles>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&a)[kMTiles][kD / 16][4], const uint16_t* tile, int warp,
+                                                 int lane) {
 #pragma unroll
-  for (int ks = 0; ks < kD / 16; ++ks) mma::ldmatrix_x4(a[ks], row + ks * 16);
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const uint16_t* row = tile + ((warp * kMTiles + mt) * 16 + lane % 16) * (kD + 8) + (lane / 16) * 8;
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) mma::ldmatrix_x4(a[mt][ks], row + ks * 16);
+  }
 }
 
-// acc[nt] = this warp's 16 stationary rows . streamed rows [8 nt, 8 nt + 8)^T
-// over kD columns, in the C fragment layout (see mma.cuh).
-template <bool kBF16, int kD>
-__device__ __forceinline__ void warp_tile_dots(const uint32_t (&a)[kD / 16][4], const uint16_t* streamed, int lane,
-                                               float (&acc)[kStreamed / 8][4]) {
+// acc[mt][nt] = this warp's stationary rows [16 mt, 16 mt + 16) . streamed
+// rows [8 nt, 8 nt + 8)^T over kD columns, in the C fragment layout (see mma.cuh).
+template <bool kBF16, int kD, int kMTiles>
+__device__ __forceinline__ void warp_tile_dots(const uint32_t (&a)[kMTiles][kD / 16][4], const uint16_t* streamed,
+                                               int lane, float (&acc)[kMTiles][kStreamed / 8][4]) {
 #pragma unroll
-  for (int nt = 0; nt < kStreamed / 8; ++nt) {
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+    for (int nt = 0; nt < kStreamed / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+    }
   }
   // ldmatrix x4 matrices: (rows 0-7, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 0-7), (rows 8-15, k 8-15)
   // of a pair of n-tiles, i.e. the two B registers of n-tile 2 np, then of 2 np + 1.
@@ -88,8 +115,11 @@ __device__ __forceinline__ void warp_tile_dots(const uint32_t (&a)[kD / 16][4], 
     for (int np = 0; np < kStreamed / 16; ++np) {
       uint32_t b[4];
       mma::ldmatrix_x4(b, row + np * 16 * (kD + 8) + ks * 16);
-      mma::mma_16816<kBF16>(acc[2 * np], a[ks], b[0], b[1]);
-      mma::mma_16816<kBF16>(acc[2 * np + 1], a[ks], b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        mma::mma_16816<kBF16>(acc[mt][2 * np], a[mt][ks], b[0], b[1]);
+        mma::mma_16816<kBF16>(acc[mt][2 * np + 1], a[mt][ks], b[2], b[3]);
+      }
     }
   }
 }
@@ -99,7 +129,7 @@ __device__ __forceinline__ void warp_tile_dots(const uint32_t (&a)[kD / 16][4], 
 // Pass 1. grid (ceil(G*W / kStationary), nsplit, B * Hkv), block kThreads.
 // Writes the same row_stats as window_row_stats_kernel.
 template <bool kBF16, int kD>
-__global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(kD))
+__global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(kD, 1))
     window_row_stats_mma_kernel(const WindowScoresParams<uint16_t> p,
                                 int keys_per_split,              // multiple of kStreamed
                                 int nsplit,
@@ -140,8 +170,8 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
   mma::cp_async_commit();
   mma::cp_async_wait<1>();  // the query tile landed
   __syncthreads();
-  uint32_t a[kD / 16][4];
-  load_a_fragments<kD>(a, q_s, warp, lane);
+  uint32_t a[1][kD / 16][4];
+  load_a_fragments<kD, 1>(a, q_s, warp, lane);
   const int row_window[2] = {row_w[warp * 16 + g], row_w[warp * 16 + g + 8]};
   const float scale_log2 = p.scale * kLog2e;
 
@@ -152,8 +182,8 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
     mma::cp_async_commit();
     mma::cp_async_wait<1>();  // tile j0 landed
     __syncthreads();
-    float acc[kStreamed / 8][4];
-    warp_tile_dots<kBF16, kD>(a, k_s + buf * kStreamed * kStride, lane, acc);
+    float acc[1][kStreamed / 8][4];
+    warp_tile_dots<kBF16, kD, 1>(a, k_s + buf * kStreamed * kStride, lane, acc);
     bool key_scores[kStreamed / 4];  // this thread's 16 columns: a real key of the split
 #pragma unroll
     for (int nt = 0; nt < kStreamed / 8; ++nt) {
@@ -174,7 +204,7 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
         for (int e = 0; e < 2; ++e) {
           const int i = nt * 8 + 2 * c + e;
           const bool allowed = key_scores[2 * nt + e] && !(causal_cut && j0 + i > offset + w);
-          const float v = allowed ? acc[nt][2 * half + e] * scale_log2 : -INFINITY;
+          const float v = allowed ? acc[0][nt][2 * half + e] * scale_log2 : -INFINITY;
           s[2 * nt + e] = v;
           tile_max = fmaxf(tile_max, v);
         }
@@ -205,9 +235,9 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
   }
 }
 
-// Pass 2. grid (ceil(L / kStationary), B * Hkv), block kThreads.
-template <bool kBF16, int kD>
-__global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(kD))
+// Pass 2. grid (ceil(L / score_keys(kMTiles)), B * Hkv), block kThreads.
+template <bool kBF16, int kD, int kMTiles>
+__global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(kD, kMTiles))
     window_scores_mma_kernel(const WindowScoresParams<uint16_t> p,
                              const float* __restrict__ log_denominator,  // [B * Hkv, G * W] from pass 1b
                              float* __restrict__ self_scores,            // [B, Hkv, L]
@@ -215,9 +245,10 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
 {
   using namespace window_mma;
   constexpr int kStride = kD + 8;
+  constexpr int kKeys = score_keys(kMTiles);
   extern __shared__ __align__(16) unsigned char window_mma_smem[];
-  uint16_t* k_s = reinterpret_cast<uint16_t*>(window_mma_smem);  // [kStationary][kStride]
-  uint16_t* q_s = k_s + kStationary * kStride;                    // [2][kStreamed][kStride]
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(window_mma_smem);  // [kKeys][kStride]
+  uint16_t* q_s = k_s + kKeys * kStride;                          // [2][kStreamed][kStride]
   // Per streamed row, one 16-byte read: (last key it sees = its position, -1
   // when the row scores nothing; modality id; log2 of the row's n-softmax
   // denominator; unused).
@@ -226,19 +257,19 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   const int g = lane / 4, c = lane % 4;
   const int rows = p.G * p.W;
-  const int j0 = blockIdx.x * kStationary;
+  const int j0 = blockIdx.x * kKeys;
   const int bh = blockIdx.y;
   const int b = bh / p.Hkv, hkv = bh % p.Hkv;
   const int offset = p.L - p.W;
 
-  load_tile_async<kD, kStationary>(k_s, p.D, p.keys, [&](int i) -> const uint16_t* {
+  load_tile_async<kD, kKeys>(k_s, p.D, p.keys, [&](int i) -> const uint16_t* {
     return j0 + i < p.L ? window_key_row(p, b, hkv, j0 + i) : nullptr;
   });
   mma::cp_async_commit();
   // The first row tile at or after r that has a row seeing some key of this
   // block (block-uniform, so every thread takes the same path).
   auto next_needed = [&](int r) {
-    while (r < rows && offset + max_inner_index(r, min_of(r + kStreamed, rows), p.W) < j0) r += kStreamed;
+    while (r < rows && offset + max_window_index(p, r, min_of(r + kStreamed, rows)) < j0) r += kStreamed;
     return r;
   };
   auto load_rows = [&](int r0, int buf) {
@@ -258,17 +289,20 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
   mma::cp_async_commit();
   mma::cp_async_wait<1>();  // the key tile landed
   __syncthreads();
-  uint32_t a[kD / 16][4];
-  load_a_fragments<kD>(a, k_s, warp, lane);
-  int key[2], kmod[2];
+  uint32_t a[kMTiles][kD / 16][4];
+  load_a_fragments<kD, kMTiles>(a, k_s, warp, lane);
+  int key[kMTiles][2], kmod[kMTiles][2];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    key[half] = j0 + warp * 16 + g + 8 * half;
-    kmod[half] = key[half] < p.L ? p.k_mod[static_cast<int64_t>(b) * p.L + key[half]] : -1;
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      key[mt][half] = j0 + (warp * kMTiles + mt) * 16 + g + 8 * half;
+      kmod[mt][half] = key[mt][half] < p.L ? p.k_mod[static_cast<int64_t>(b) * p.L + key[mt][half]] : -1;
+    }
   }
   const float scale_log2 = p.scale * kLog2e;
 
-  float self_sum[2] = {0.f, 0.f}, cross_sum[2] = {0.f, 0.f};
+  float self_sum[kMTiles][2] = {}, cross_sum[kMTiles][2] = {};
   int buf = 0;
   while (r0 < rows) {
     const int r_next = next_needed(r0 + kStreamed);
@@ -276,26 +310,29 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
     mma::cp_async_commit();
     mma::cp_async_wait<1>();  // tile r0 landed
     __syncthreads();
-    float acc[kStreamed / 8][4];
-    warp_tile_dots<kBF16, kD>(a, q_s + buf * kStreamed * kStride, lane, acc);
+    float acc[kMTiles][kStreamed / 8][4];
+    warp_tile_dots<kBF16, kD, kMTiles>(a, q_s + buf * kStreamed * kStride, lane, acc);
+    // Branch-free: a key after the row's position, or any key of a row that
+    // scores nothing (last key -1), gets probability 0 by a select, so a NaN
+    // logit there adds nothing. Padding keys are summed too and written as 0
+    // at the end.
 #pragma unroll
     for (int nt = 0; nt < kStreamed / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const float4 row = row_data[buf][nt * 8 + 2 * c + e];
         const int last_key = __float_as_int(row.x);
-        if (last_key < 0) continue;  // the row scores nothing
         const int mod = __float_as_int(row.y);
         const float log2_den = row.z;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          // Padding keys are summed too and written as 0 at the end.
-          if (key[half] > last_key) continue;
-          const float prob = exp2_ftz(fmaf(acc[nt][2 * half + e], scale_log2, -log2_den));
-          if (mod == kmod[half]) {
-            self_sum[half] += prob;
-          } else {
-            cross_sum[half] += prob;
+        for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const float e2 = exp2_ftz(fmaf(acc[mt][nt][2 * half + e], scale_log2, -log2_den));
+            const float prob = key[mt][half] > last_key ? 0.f : e2;
+            const bool self = mod == kmod[mt][half];
+            self_sum[mt][half] += self ? prob : 0.f;
+            cross_sum[mt][half] += self ? 0.f : prob;
           }
         }
       }
@@ -307,17 +344,20 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
 
   // The 4 lanes of a quad hold the same two keys over different rows.
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float s = self_sum[half], x = cross_sum[half];
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int off = 1; off < 4; off *= 2) {
-      s += __shfl_xor_sync(kFullMask, s, off);
-      x += __shfl_xor_sync(kFullMask, x, off);
-    }
-    if (c == 0 && key[half] < p.L) {
-      const int64_t out = static_cast<int64_t>(bh) * p.L + key[half];
-      self_scores[out] = kmod[half] < 0 ? 0.f : s;
-      cross_scores[out] = kmod[half] < 0 ? 0.f : x;
+    for (int half = 0; half < 2; ++half) {
+      float s = self_sum[mt][half], x = cross_sum[mt][half];
+#pragma unroll
+      for (int off = 1; off < 4; off *= 2) {
+        s += __shfl_xor_sync(kFullMask, s, off);
+        x += __shfl_xor_sync(kFullMask, x, off);
+      }
+      if (c == 0 && key[mt][half] < p.L) {
+        const int64_t out = static_cast<int64_t>(bh) * p.L + key[mt][half];
+        self_scores[out] = kmod[mt][half] < 0 ? 0.f : s;
+        cross_scores[out] = kmod[mt][half] < 0 ? 0.f : x;
+      }
     }
   }
 }
