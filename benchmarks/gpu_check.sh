@@ -11,7 +11,8 @@
 #
 # STEPS picks the steps (default "build tests bench_ops ncu bench_e2e"), so a
 # lease can be split into calls on the same warm machine (the build stays);
-# SANITIZE_K narrows the sanitizer runs with a pytest -k expression.
+# SANITIZERS picks the compute-sanitizer tools (default "memcheck racecheck"),
+# SANITIZE_K narrows their runs with a pytest -k expression.
 #
 # Needs python3 with torch (CUDA build), nvcc, pytest, hypothesis, transformers;
 # compute-sanitizer and ncu are used when on PATH (or in the CUDA toolkit).
@@ -24,6 +25,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 STEPS=${STEPS:-build tests bench_ops ncu bench_e2e}
+SANITIZERS=${SANITIZERS-memcheck racecheck}
 SANITIZE_K=${SANITIZE_K:-}
 SUMMARY="$LOGS/summary.txt"
 : >"$SUMMARY"
@@ -74,10 +76,10 @@ if want tests; then
   step tests 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests &
   if [ -n "$SANITIZER" ]; then
     # The caching allocator would hide out-of-bounds accesses inside its blocks.
-    { step memcheck 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+    { [[ " $SANITIZERS " == *" memcheck "* ]] && step memcheck 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
         --print-limit 20 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py tests/test_op_properties.py \
         ${SANITIZE_K:+-k "$SANITIZE_K"}
-      step racecheck 120 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
+      [[ " $SANITIZERS " == *" racecheck "* ]] && step racecheck 120 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
         $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py -k "not nan${SANITIZE_K:+ and ($SANITIZE_K)}"; } &
   fi
   wait
