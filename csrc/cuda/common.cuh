@@ -120,6 +120,13 @@ __device__ __forceinline__ int max_inner_index(int r0, int r_end, int inner_size
   return r0 / inner_size == last / inner_size ? last % inner_size : inner_size - 1;
 }
 
+// The same with inner_size given as a FastDivmod (no integer division).
+__device__ __forceinline__ int max_inner_index(int r0, int r_end, const FastDivmod& inner) {
+  const int last = r_end - 1;
+  const int outer = inner.div(last);
+  return inner.div(r0) == outer ? last - outer * inner.d : inner.d - 1;
+}
+
 // Exclusive prefix sum of one int per thread over a 1-D block, in thread
 // order; *total receives the block-wide sum. Every thread of the block must
 // call it (it synchronises); `scratch` (kWarp ints of shared memory) is free

@@ -79,18 +79,10 @@ __device__ __forceinline__ int scoring_window_index(const WindowScoresParams<sca
 
 // End of the keys pass 1 visits for rows [r0, r_end) in the split starting at
 // j_begin: keys past the last position of those rows are never allowed.
-// max_inner_index (common.cuh) of window rows [r0, r_end), dividing by W without a division.
-template <typename scalar_t>
-__device__ __forceinline__ int max_window_index(const WindowScoresParams<scalar_t>& p, int r0, int r_end) {
-  const int last = r_end - 1;
-  const int g = p.w_divmod.div(last);
-  return p.w_divmod.div(r0) == g ? last - g * p.W : p.W - 1;
-}
-
 template <typename scalar_t>
 __device__ __forceinline__ int split_key_end(const WindowScoresParams<scalar_t>& p, int r0, int r_end, int j_begin,
                                              int keys_per_split) {
-  const int last_position = p.L - p.W + max_window_index(p, r0, r_end);  // window row w sits at L - W + w
+  const int last_position = p.L - p.W + max_inner_index(r0, r_end, p.w_divmod);  // window row w sits at L - W + w
   return min_of(min_of(j_begin + keys_per_split, p.L), last_position + 1);
 }
 
@@ -277,7 +269,7 @@ __global__ void __launch_bounds__(window::kThreads)
     // Rows that all sit before this key tile see none of its keys. The
     // condition depends on block-uniform values only, so skipping keeps every
     // thread on the same __syncthreads().
-    if (offset + max_window_index(p, r0, min_of(r0 + kTileRows, rows)) < j0) continue;
+    if (offset + max_inner_index(r0, min_of(r0 + kTileRows, rows), p.w_divmod) < j0) continue;
     __syncthreads();  // the previous query tile and its row data are no longer read
     if (tid < kTileRows) {
       const int r = r0 + tid;

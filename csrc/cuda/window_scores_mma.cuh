@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(window_mma::kThreads, window_mma::min_blocks(k
   // The first row tile at or after r that has a row seeing some key of this
   // block (block-uniform, so every thread takes the same path).
   auto next_needed = [&](int r) {
-    while (r < rows && offset + max_window_index(p, r, min_of(r + kStreamed, rows)) < j0) r += kStreamed;
+    while (r < rows && offset + max_inner_index(r, min_of(r + kStreamed, rows), p.w_divmod) < j0) r += kStreamed;
     return r;
   };
   auto load_rows = [&](int r0, int buf) {
