@@ -229,6 +229,42 @@ def test_window_scores_lse_is_what_normalises(kernels, device):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # 8 KV heads of 2 x 40 rows, 3001 keys: one tile per head, its keys streamed panel by panel.
+        pytest.param(dict(B=2, H=8, Hkv=4, W=40, L=3001, D=80, streamed=True), id="streamed-keys"),
+        # One KV head of 4 x 100 rows split between the 2 threads: tiles over keys packed once.
+        pytest.param(dict(B=1, H=4, Hkv=1, W=100, L=3001, D=64, streamed=False), id="packed-keys"),
+    ],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_window_scores_cpu_key_paths(shape, layout, kernels):
+    """The CPU kernel (window_scores.cpp) packs a part's keys panel by panel as it reaches
+    them when the part has few query rows (logits of at most 2**18 floats), and all at once
+    otherwise; both give the reference's scores, a partial last panel and strided keys included."""
+    B, H, Hkv, W, L, D = (shape[k] for k in ("B", "H", "Hkv", "W", "L", "D"))
+    parts = 1 if B * Hkv % 2 == 0 else 2  # cpu::parts_per_item on 2 threads
+    part_rows = -(-(H // Hkv * W) // parts // 4) * 4
+    assert (part_rows * -(-L // 16) * 16 <= 2**18) == shape["streamed"]
+    gen = generator(11)
+    q_win = randn((B, H, W, D), torch.float32, gen)
+    keys = randn((B, Hkv, L, D), torch.float32, gen)
+    k_mod = modality_ids(B, L, "left", gen)
+    q_mod = k_mod[:, L - W :].clone()
+    kw = dict(scale=D**-0.5, n=1.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = kernels.window_scores(q_win, place(keys, layout, "cpu"), q_mod, k_mod, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    want = oracle(ref.window_scores, q_win, keys, q_mod, k_mod, **kw)
+    row_scale = scores_row_scale(*want)
+    for i, name in enumerate(("self_scores", "cross_scores")):
+        assert_matches_oracle(got[i], want[i], None, row_scale=row_scale, what=name)
+
+
 @pytest.mark.parametrize("scores", ["window", "ties", "special"])
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_select_keep(case, scores, kernels, device):

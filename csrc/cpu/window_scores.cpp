@@ -3,19 +3,23 @@
 //
 // Work unit: a tile of query rows (window query w x query head g of one KV head)
 // against all keys it may see. A register-blocked micro-kernel fills the tile's
-// logits from keys packed once per task; each row is then normalised with a
+// logits from packed keys (packed once per task, or panel by panel as reached
+// when the task is a single tile: then every key is read from memory once,
+// prefetched ahead of use); each row is then normalised with a
 // single exp per entry (max, then exp(s - max) kept in place, then the row
 // factor of cspkv::cpu::nsoftmax_factor) and added to the key scores. With
 // given log-sum-exps (`lse`) the max and sum are not needed: one pass of
 // exp(s - log denominator) per row.
-// Scratch per task: one logits tile (<= 256 KiB unless L > 8192), one KV head of
-// packed float32 keys, and 2 x L partial scores when a KV head is split between
+// Scratch per task: one logits tile (<= 1 MiB when streamed, else <= 256 KiB
+// unless L > 8192), one panel or one KV head of packed float32 keys, and 2 x L
+// partial scores when a KV head is split between
 // threads. No ATen call runs inside the parallel region: at::mm there would
 // open a nested OpenMP region per tile, which costs dearly on a busy machine.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -33,15 +37,52 @@ using cpu::vec8_at;
 // Logits per tile; rows per tile = this / L, within [8, 64] so that the packed
 // keys are reused enough and the tile stays in L2 at the usual prompt lengths.
 constexpr int64_t kTileFloats = 1 << 16;
+// A part whose logits fit in this many floats is one tile, and its keys are
+// packed panel by panel as the micro-kernel reaches them (see window_scores_kernel).
+constexpr int64_t kStreamTileFloats = 1 << 18;
+// How far ahead of the panel being multiplied its keys are prefetched.
+constexpr int64_t kPrefetchPanels = 4;
 // Keys per packed panel and query rows per micro-kernel call (see tile_logits).
 constexpr int64_t kPanelKeys = 16;
 constexpr int64_t kRowBlock = 4;
 // Fewer query rows than this per task would pack the keys for little work.
 constexpr int64_t kMinRowsPerPart = 16;
 
+// v = x[0..7] as floats.
+template <typename scalar_t>
+inline void load_vec8(const scalar_t* x, vec8& v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    v = *reinterpret_cast<const vec8_at*>(x);
+  } else {
+    for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(x[i]);
+  }
+}
+
+// In place: afterwards v[i][j] holds what v[j][i] held. Three rounds of two-input
+// shuffles (pairs of floats, pairs of pairs, 128-bit halves), 24 in all.
+inline void transpose_8x8(vec8 (&v)[8]) {
+  vec8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int j = 0; j < 2; ++j) {
+      u[i + 2 * j] = __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * j + 1] = __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    v[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
 // Packs keys [n_keys, D] into panels of kPanelKeys keys stored d-major,
 // [n_panels, D, kPanelKeys], so that the micro-kernel reads the d-th component
 // of a panel's keys with two vector loads; missing keys of the last panel are 0.
+// Full panels of a head dim that is a multiple of 8 go through 8 x 8 transposes
+// in registers (scalar strided stores cost as much as the products at W = 32).
 template <typename scalar_t>
 CSPKV_CPU_CLONES void pack_key_panels(const scalar_t* keys,  // [n_keys, ld]
                                       int64_t ld, int64_t n_keys, int64_t D,
@@ -49,6 +90,18 @@ CSPKV_CPU_CLONES void pack_key_panels(const scalar_t* keys,  // [n_keys, ld]
   const int64_t n_panels = cpu::ceil_div(n_keys, kPanelKeys);
   for (int64_t p = 0; p < n_panels; ++p) {
     float* panel = panels + p * D * kPanelKeys;
+    const scalar_t* panel_keys = keys + p * kPanelKeys * ld;
+    if (n_keys - p * kPanelKeys >= kPanelKeys && D % 8 == 0) {
+      for (int64_t d = 0; d < D; d += 8) {
+        for (int64_t half = 0; half < kPanelKeys; half += 8) {
+          vec8 v[8];
+          for (int i = 0; i < 8; ++i) load_vec8(panel_keys + (half + i) * ld + d, v[i]);
+          transpose_8x8(v);
+          for (int i = 0; i < 8; ++i) *reinterpret_cast<vec8_at*>(panel + (d + i) * kPanelKeys + half) = v[i];
+        }
+      }
+      continue;
+    }
     for (int64_t jj = 0; jj < kPanelKeys; ++jj) {
       const int64_t j = p * kPanelKeys + jj;
       if (j < n_keys) {
@@ -61,20 +114,36 @@ CSPKV_CPU_CLONES void pack_key_panels(const scalar_t* keys,  // [n_keys, ld]
   }
 }
 
+// Keys to bring into the cache while the micro-kernel works on other ones.
+struct KeyPrefetch {
+  const char* first = nullptr;  // the first key's first byte
+  int64_t stride = 0;           // bytes from one key to the next
+  int64_t keys = 0;
+  int64_t bytes = 0;            // bytes per key
+};
+
 // logits[r, j] = q[r] . k[j] for `rows` rows (a multiple of kRowBlock) and the
 // keys of `n_panels` panels. A 4 x 16 block keeps 8 independent vector sums in
 // registers: enough to cover the FMA latency, few enough to leave registers for
-// the two key loads and the query broadcasts.
+// the two key loads and the query broadcasts. The keys of `prefetch` are
+// prefetched a few at a time between row blocks, so that their loads from
+// memory overlap the arithmetic instead of coming in one burst.
 CSPKV_CPU_CLONES
 void tile_logits(const float* q,       // [rows, D]
                  int64_t rows, int64_t D,
                  const float* panels,  // [n_panels, D, 16]
                  int64_t n_panels,
                  float* logits,        // [rows, ld], ld >= 16 * n_panels
-                 int64_t ld) {
+                 int64_t ld, const KeyPrefetch& prefetch = {}) {
+  const int64_t keys_per_block = cpu::ceil_div(prefetch.keys * kRowBlock, rows);
   for (int64_t p = 0; p < n_panels; ++p) {
     const float* panel = panels + p * D * kPanelKeys;
     for (int64_t r = 0; r < rows; r += kRowBlock) {
+      const int64_t key_end = std::min(prefetch.keys, (r / kRowBlock + 1) * keys_per_block);
+      for (int64_t key = r / kRowBlock * keys_per_block; key < key_end; ++key) {
+        const char* bytes = prefetch.first + key * prefetch.stride;
+        for (int64_t offset = 0; offset < prefetch.bytes; offset += 64) __builtin_prefetch(bytes + offset);
+      }
       const float* q0 = q + r * D;
       const float* q1 = q0 + D;
       const float* q2 = q1 + D;
@@ -171,7 +240,6 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
                           float* cross_out) {     // [B, Hkv, L] zero-filled
   const int64_t B = shape.B, H = shape.H, Hkv = shape.Hkv, W = shape.W, L = shape.L, D = shape.D;
   const int64_t G = H / Hkv;
-  const int64_t tile_rows = std::clamp<int64_t>(kTileFloats / L, 8, 64) / kRowBlock * kRowBlock;
   const int64_t max_panels = cpu::ceil_div(L, kPanelKeys);
 
   // Padding queries contribute nothing: only the real ones become rows.
@@ -188,8 +256,18 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
   const int64_t parts = cpu::parts_per_item(heads, G * W, kMinRowsPerPart, at::get_num_threads());
   std::vector<float> partial(parts > 1 ? heads * parts * 2 * L : 0, 0.0f);
 
+  // Few rows per part (small windows, few query heads per KV head): the part is
+  // one tile and its keys stream through one packed panel, each read from memory
+  // once (prefetched while earlier panels are multiplied). Otherwise every tile
+  // reuses the part's keys, packed once up front, and tiles are sized to stay in
+  // L2 with the packed keys.
+  const int64_t part_rows = cpu::ceil_div(cpu::ceil_div(G * W, parts), kRowBlock) * kRowBlock;
+  const bool stream = part_rows * max_panels * kPanelKeys <= kStreamTileFloats;
+  const int64_t tile_rows =
+      stream ? part_rows : std::clamp<int64_t>(kTileFloats / L, 8, 64) / kRowBlock * kRowBlock;
+
   at::parallel_for(0, heads * parts, 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<float> panels(max_panels * kPanelKeys * D);
+    std::vector<float> panels((stream ? 1 : max_panels) * kPanelKeys * D);
     std::vector<float> q_tile(tile_rows * D);
     std::vector<float> logits(tile_rows * max_panels * kPanelKeys);
     std::vector<int64_t> ends(tile_rows);
@@ -209,7 +287,8 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
       // so a tile covers consecutive window positions and stops at the last key
       // its latest query sees.
       const int64_t part_keys = L - W + rows_w[(row_end - 1) / G] + 1;
-      pack_key_panels(keys + b * ks.b + h * ks.h, ks.l, part_keys, D, panels.data());
+      const scalar_t* head_keys = keys + b * ks.b + h * ks.h;
+      if (!stream) pack_key_panels(head_keys, ks.l, part_keys, D, panels.data());
       for (int64_t tile_begin = row_begin; tile_begin < row_end; tile_begin += tile_rows) {
         const int64_t n_rows = std::min(tile_rows, row_end - tile_begin);
         const int64_t padded_rows = cpu::ceil_div(n_rows, kRowBlock) * kRowBlock;
@@ -225,7 +304,20 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
         std::fill(q_tile.begin() + n_rows * D, q_tile.begin() + padded_rows * D, 0.0f);
         const int64_t n_panels = cpu::ceil_div(ends[n_rows - 1], kPanelKeys);
         const int64_t ld = n_panels * kPanelKeys;
-        tile_logits(q_tile.data(), padded_rows, D, panels.data(), n_panels, logits.data(), ld);
+        if (!stream) {
+          tile_logits(q_tile.data(), padded_rows, D, panels.data(), n_panels, logits.data(), ld);
+        } else {
+          for (int64_t p = 0; p < n_panels; ++p) {
+            const int64_t first = p * kPanelKeys, ahead = first + kPrefetchPanels * kPanelKeys;
+            KeyPrefetch next;
+            if (ahead < part_keys) {
+              next = {reinterpret_cast<const char*>(head_keys + ahead * ks.l), ks.l * int64_t(sizeof(scalar_t)),
+                      std::min(kPanelKeys, part_keys - ahead), D * int64_t(sizeof(scalar_t))};
+            }
+            pack_key_panels(head_keys + first * ks.l, ks.l, std::min(kPanelKeys, part_keys - first), D, panels.data());
+            tile_logits(q_tile.data(), padded_rows, D, panels.data(), 1, logits.data() + first, ld, next);
+          }
+        }
         accumulate_window_rows(logits.data(), ld, n_rows, ends.data(), q_mods.data(),
                                log_den != nullptr ? row_log_den.data() : nullptr, k_mod + b * L, scale, n,
                                self_dst, cross_dst);
