@@ -207,7 +207,9 @@ def main() -> int:
     header = (f"# cspkv op benchmark on {common.device_description(device)}\n\n"
               f"dtype {str(dtype).replace('torch.', '')}, batch 1, budget 20%, recent = window; "
               f"median of up to 7 runs; reference = cspkv/reference.py on the same inputs"
-              + ("; kernel, reference and peer calls interleaved round by round." if device.type == "cpu" else "."))
+              + ("; kernel, reference and peer calls interleaved round by round, each round timing as many "
+                 f"back-to-back calls of each as take about {common.CPU_SAMPLE_SECONDS * 1e3:g} ms (at most 100)."
+                 if device.type == "cpu" else "."))
     if device.type == "cuda":
         header += ("\nCUDA times: events around back-to-back calls (as many as take 1 ms, at most 100), L2 "
                    "flushed before each batch; an op's time includes its host work (compact_kv runs with "

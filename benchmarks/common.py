@@ -14,6 +14,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Seconds of back-to-back calls that make one CPU timing sample (see _cpu_rounds).
+CPU_SAMPLE_SECONDS = 0.002
 
 
 def device_label(device: torch.device) -> str:
@@ -99,18 +101,25 @@ def median_times(fns: Sequence[Optional[Callable[[], object]]], device: torch.de
 
 
 def _cpu_rounds(fns: Sequence[Callable[[], object]], warmup: int, repeats: int, max_seconds: float) -> List[float]:
-    """Median seconds per call of each fn, timed with perf_counter one call of each per round:
-    at least 3 rounds, then until `repeats` rounds or `max_seconds` per fn."""
+    """Median seconds per call of each fn, timed with perf_counter, each fn once per round:
+    at least 3 rounds, then until `repeats` rounds or `max_seconds` per fn. A sample is
+    the mean of as many back-to-back calls as take about CPU_SAMPLE_SECONDS (at most 100),
+    so that calls of tens of microseconds are not lost in the timer's and the machine's noise."""
+    calls = []
     for fn in fns:
         for _ in range(warmup):
+            start = time.perf_counter()
             fn()
+            elapsed = time.perf_counter() - start
+        calls.append(min(100, max(1, math.ceil(CPU_SAMPLE_SECONDS / max(elapsed, 1e-9)))))
     times: List[List[float]] = [[] for _ in fns]
     budget_end = time.perf_counter() + max_seconds * max(1, len(fns))
     for round_ in range(repeats):
-        for fn, samples in zip(fns, times):
+        for fn, n_calls, samples in zip(fns, calls, times):
             start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
+            for _ in range(n_calls):
+                fn()
+            samples.append((time.perf_counter() - start) / n_calls)
         if time.perf_counter() > budget_end and round_ >= 2:
             break
     return [statistics.median(samples) for samples in times]
