@@ -179,3 +179,40 @@ def test_cuda_generate(attn):
             for b, p in enumerate(prompts):
                 alone = generate(model, p[None].cuda(), new=8)
                 assert batch.sequences[b, batch_ids.shape[1]:].tolist() == alone.sequences[0, p.numel():].tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_pruned_decode_syncs_no_more_than_full():
+    """A decode step on a pruned cache makes no more host-device synchronisations than one
+    on the full cache (counted by torch's CUDA sync debug mode). Decode on a GPU is bound by
+    the host's launches; a sync per layer would make every step wait for the GPU."""
+    import warnings
+
+    model = tiny_model("llama", layers=4).to("cuda")
+    ids = prompt(120, seed=5).cuda()
+
+    def decode_syncs(budget):
+        cache = DynamicCache()
+        handle = cspkv.patch(model, budget=budget, min_prompt=8) if budget is not None else None
+        try:
+            with torch.inference_mode():
+                token = model(ids, **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+                if handle is not None:
+                    assert all(layer["pruned"] for layer in handle.stats()["layers"].values())
+                torch.cuda.synchronize()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        for _ in range(3):
+                            token = model(token, **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+
+    full, pruned = decode_syncs(None), decode_syncs(0.25)
+    assert len(pruned) <= len(full), f"pruned decode synced {len(pruned)} times, full {len(full)}: {pruned[:3]}"
