@@ -107,7 +107,7 @@ def _cpu_rounds(fns: Sequence[Callable[[], object]], warmup: int, repeats: int, 
     so that calls of tens of microseconds are not lost in the timer's and the machine's noise."""
     calls = []
     for fn in fns:
-        for _ in range(warmup):
+        for _ in range(max(1, warmup)):  # the last warm-up call sizes the samples
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start

@@ -11,6 +11,7 @@ the tokens of each prompt run alone.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -189,8 +190,6 @@ def test_cuda_pruning_adds_no_host_sync_per_layer():
     more than a full one (the prompt's modality ids go to the GPU once per call), whatever the
     number of layers. The GPU runs behind the host; a sync per layer would make the host wait
     for it at every layer, adding the host's time to the GPU's."""
-    import warnings
-
     model = tiny_model("llama", layers=4).to("cuda")
     ids = prompt(120, seed=5).cuda()
 
