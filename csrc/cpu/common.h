@@ -110,6 +110,29 @@ inline void dot4(const float* q,  // [D]
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Rows of a row-major array (a head's keys or values) to bring into the cache
+// while a kernel works on earlier ones: issued a few rows at a time between
+// pieces of arithmetic, the loads from memory overlap it instead of stalling
+// the next block's first touches. Empty (rows = 0) by default.
+struct RowPrefetch {
+  const char* first = nullptr;  // the first row's first byte
+  int64_t stride = 0;           // bytes from one row to the next
+  int64_t rows = 0;
+  int64_t bytes = 0;            // bytes per row
+
+  template <typename T>
+  static RowPrefetch of(const T* first, int64_t ld, int64_t rows, int64_t cols) {  // [rows, ld], cols used
+    return {reinterpret_cast<const char*>(first), ld * int64_t(sizeof(T)), rows, cols * int64_t(sizeof(T))};
+  }
+
+  // Every 64-byte line of rows [begin, end), clipped to the rows there are.
+  void fetch(int64_t begin, int64_t end) const {
+    for (int64_t r = begin; r < std::min(end, rows); ++r) {
+      for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + r * stride + offset);
+    }
+  }
+};
+
 // How many parts to cut each of `items` equal work items into so that
 // at::parallel_for's static split gives every thread the same work: items * parts
 // a multiple of the thread count (B * Hkv alone is often 1-3 on 2-16 threads),

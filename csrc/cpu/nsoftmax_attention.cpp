@@ -44,7 +44,8 @@ CSPKV_CPU_CLONES void rows_to_float(const scalar_t* src,  // [rows, ld]
 
 // Folds one block of keys into the online softmax state of `rows` query rows.
 // Keys a row may not see are never read from V, so dead slots holding garbage
-// (even NaN) cannot leak into the output.
+// (even NaN) cannot leak into the output. The first row processed prefetches
+// the next block's keys and values (`next_k`, `next_v`) four at a time.
 CSPKV_CPU_CLONES
 void attend_block(const float* q,         // [rows, D]
                   const int64_t* ends,    // [rows] row r sees block keys j < ends[r]
@@ -59,7 +60,8 @@ void attend_block(const float* q,         // [rows, D]
                   int32_t* seen,          // [kBlockKeys] scratch
                   float* m,               // [rows] running max
                   float* l,               // [rows] running sum of exp(s - m)
-                  float* acc) {           // [rows, Dv] running sum of exp(s - m) v
+                  float* acc,             // [rows, Dv] running sum of exp(s - m) v
+                  const cpu::RowPrefetch& next_k, const cpu::RowPrefetch& next_v) {
   // The valid keys of the block, ascending; a row sees a prefix of them.
   int64_t n_seen = 0;
   for (int64_t j = 0; j < ends[rows - 1]; ++j) {
@@ -70,10 +72,12 @@ void attend_block(const float* q,         // [rows, D]
     while (count > 0 && seen[count - 1] >= ends[r]) --count;
     if (count == 0) break;
     const float* q_row = q + r * D;
+    const bool first_row = r == rows - 1;
 
     // Dot products four keys at a time; a last partial group repeats its final
     // key and drops the extra results.
     for (int64_t c = 0; c < count; c += 4) {
+      if (first_row) next_k.fetch(c, c + 4);
       const int64_t last = std::min<int64_t>(count - 1, c + 3);
       float dots[4];
       cpu::dot4(q_row, k + seen[c] * ldk, k + seen[std::min(c + 1, last)] * ldk,
@@ -105,6 +109,7 @@ void attend_block(const float* q,         // [rows, D]
     // Four keys per sweep over acc: one load and store of acc per four FMAs.
     int64_t c = 0;
     for (; c + 4 <= count; c += 4) {
+      if (first_row) next_v.fetch(c, c + 4);
       const float e0 = s[c], e1 = s[c + 1], e2 = s[c + 2], e3 = s[c + 3];
       const float* v0 = v + seen[c] * ldv;
       const float* v1 = v + seen[c + 1] * ldv;
@@ -219,9 +224,12 @@ void nsoftmax_attention_kernel(const scalar_t* q,       // [B, H, Q, D] contiguo
           v = v_block.data(), ldv = Dv;
         }
         for (int64_t r = 0; r < n_rows; ++r) ends[r] = std::clamp<int64_t>(limits[r] - j0, 0, n_keys);
+        const int64_t j1 = j0 + kBlockKeys, next_keys = std::min(kBlockKeys, key_end - j1);
+        const auto next_k = j1 < key_end ? cpu::RowPrefetch::of(head_keys + j1 * ks.l, ks.l, next_keys, D) : cpu::RowPrefetch{};
+        const auto next_v = j1 < key_end ? cpu::RowPrefetch::of(head_values + j1 * vs.l, vs.l, next_keys, Dv) : cpu::RowPrefetch{};
         attend_block(q_tile.data(), ends.data(), n_rows, k, ldk, v, ldv,
                      head_valid == nullptr ? nullptr : head_valid + j0, D, Dv, scale, s.data(),
-                     seen.data(), m, l, acc);
+                     seen.data(), m, l, acc, next_k, next_v);
       }
       if (parts == 1) {
         for (int64_t r = 0; r < n_rows; ++r) write_row(m[r], l[r], acc + r * Dv, Dv, n, row_out(b, h, row0 + r));

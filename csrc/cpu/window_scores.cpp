@@ -114,36 +114,23 @@ CSPKV_CPU_CLONES void pack_key_panels(const scalar_t* keys,  // [n_keys, ld]
   }
 }
 
-// Keys to bring into the cache while the micro-kernel works on other ones.
-struct KeyPrefetch {
-  const char* first = nullptr;  // the first key's first byte
-  int64_t stride = 0;           // bytes from one key to the next
-  int64_t keys = 0;
-  int64_t bytes = 0;            // bytes per key
-};
-
 // logits[r, j] = q[r] . k[j] for `rows` rows (a multiple of kRowBlock) and the
 // keys of `n_panels` panels. A 4 x 16 block keeps 8 independent vector sums in
 // registers: enough to cover the FMA latency, few enough to leave registers for
-// the two key loads and the query broadcasts. The keys of `prefetch` are
-// prefetched a few at a time between row blocks, so that their loads from
-// memory overlap the arithmetic instead of coming in one burst.
+// the two key loads and the query broadcasts. The rows of `prefetch` (keys
+// needed later) are prefetched a few at a time between row blocks.
 CSPKV_CPU_CLONES
 void tile_logits(const float* q,       // [rows, D]
                  int64_t rows, int64_t D,
                  const float* panels,  // [n_panels, D, 16]
                  int64_t n_panels,
                  float* logits,        // [rows, ld], ld >= 16 * n_panels
-                 int64_t ld, const KeyPrefetch& prefetch = {}) {
-  const int64_t keys_per_block = cpu::ceil_div(prefetch.keys * kRowBlock, rows);
+                 int64_t ld, const cpu::RowPrefetch& prefetch = {}) {
+  const int64_t keys_per_block = cpu::ceil_div(prefetch.rows * kRowBlock, rows);
   for (int64_t p = 0; p < n_panels; ++p) {
     const float* panel = panels + p * D * kPanelKeys;
     for (int64_t r = 0; r < rows; r += kRowBlock) {
-      const int64_t key_end = std::min(prefetch.keys, (r / kRowBlock + 1) * keys_per_block);
-      for (int64_t key = r / kRowBlock * keys_per_block; key < key_end; ++key) {
-        const char* bytes = prefetch.first + key * prefetch.stride;
-        for (int64_t offset = 0; offset < prefetch.bytes; offset += 64) __builtin_prefetch(bytes + offset);
-      }
+      prefetch.fetch(r / kRowBlock * keys_per_block, (r / kRowBlock + 1) * keys_per_block);
       const float* q0 = q + r * D;
       const float* q1 = q0 + D;
       const float* q2 = q1 + D;
@@ -309,11 +296,10 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
         } else {
           for (int64_t p = 0; p < n_panels; ++p) {
             const int64_t first = p * kPanelKeys, ahead = first + kPrefetchPanels * kPanelKeys;
-            KeyPrefetch next;
-            if (ahead < part_keys) {
-              next = {reinterpret_cast<const char*>(head_keys + ahead * ks.l), ks.l * int64_t(sizeof(scalar_t)),
-                      std::min(kPanelKeys, part_keys - ahead), D * int64_t(sizeof(scalar_t))};
-            }
+            const cpu::RowPrefetch next =
+                ahead < part_keys
+                    ? cpu::RowPrefetch::of(head_keys + ahead * ks.l, ks.l, std::min(kPanelKeys, part_keys - ahead), D)
+                    : cpu::RowPrefetch{};
             pack_key_panels(head_keys + first * ks.l, ks.l, std::min(kPanelKeys, part_keys - first), D, panels.data());
             tile_logits(q_tile.data(), padded_rows, D, panels.data(), 1, logits.data() + first, ld, next);
           }
