@@ -120,9 +120,12 @@ struct RowPrefetch {
   int64_t rows = 0;
   int64_t bytes = 0;            // bytes per row
 
+  // Rows [begin, end) of `base` [*, ld], `cols` elements of each; empty when begin >= end.
   template <typename T>
-  static RowPrefetch of(const T* first, int64_t ld, int64_t rows, int64_t cols) {  // [rows, ld], cols used
-    return {reinterpret_cast<const char*>(first), ld * int64_t(sizeof(T)), rows, cols * int64_t(sizeof(T))};
+  static RowPrefetch of(const T* base, int64_t ld, int64_t begin, int64_t end, int64_t cols) {
+    if (begin >= end) return {};
+    return {reinterpret_cast<const char*>(base + begin * ld), ld * int64_t(sizeof(T)), end - begin,
+            cols * int64_t(sizeof(T))};
   }
 
   // Every 64-byte line of rows [begin, end), clipped to the rows there are.

@@ -224,9 +224,9 @@ void nsoftmax_attention_kernel(const scalar_t* q,       // [B, H, Q, D] contiguo
           v = v_block.data(), ldv = Dv;
         }
         for (int64_t r = 0; r < n_rows; ++r) ends[r] = std::clamp<int64_t>(limits[r] - j0, 0, n_keys);
-        const int64_t j1 = j0 + kBlockKeys, next_keys = std::min(kBlockKeys, key_end - j1);
-        const auto next_k = j1 < key_end ? cpu::RowPrefetch::of(head_keys + j1 * ks.l, ks.l, next_keys, D) : cpu::RowPrefetch{};
-        const auto next_v = j1 < key_end ? cpu::RowPrefetch::of(head_values + j1 * vs.l, vs.l, next_keys, Dv) : cpu::RowPrefetch{};
+        const int64_t j1 = j0 + kBlockKeys, j2 = std::min(j1 + kBlockKeys, key_end);  // the next block
+        const auto next_k = cpu::RowPrefetch::of(head_keys, ks.l, j1, j2, D);
+        const auto next_v = cpu::RowPrefetch::of(head_values, vs.l, j1, j2, Dv);
         attend_block(q_tile.data(), ends.data(), n_rows, k, ldk, v, ldv,
                      head_valid == nullptr ? nullptr : head_valid + j0, D, Dv, scale, s.data(),
                      seen.data(), m, l, acc, next_k, next_v);

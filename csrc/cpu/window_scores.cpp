@@ -296,10 +296,7 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
         } else {
           for (int64_t p = 0; p < n_panels; ++p) {
             const int64_t first = p * kPanelKeys, ahead = first + kPrefetchPanels * kPanelKeys;
-            const cpu::RowPrefetch next =
-                ahead < part_keys
-                    ? cpu::RowPrefetch::of(head_keys + ahead * ks.l, ks.l, std::min(kPanelKeys, part_keys - ahead), D)
-                    : cpu::RowPrefetch{};
+            const auto next = cpu::RowPrefetch::of(head_keys, ks.l, ahead, std::min(ahead + kPanelKeys, part_keys), D);
             pack_key_panels(head_keys + first * ks.l, ks.l, std::min(kPanelKeys, part_keys - first), D, panels.data());
             tile_logits(q_tile.data(), padded_rows, D, panels.data(), 1, logits.data() + first, ld, next);
           }
