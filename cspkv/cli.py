@@ -90,8 +90,10 @@ def load_causal_lm(path: str, attn_implementation: str = "sdpa"):
 
 # ---------------------------------------------------------------- generation with timings
 def kv_nbytes(past_key_values) -> int:
-    """Bytes of the key/value tensors a cache stores."""
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in past_key_values.layers if layer.keys is not None)
+    """Bytes of the key/value tensors a cache stores (a pruned layer's free slots included)."""
+    from .cache import stored_bytes
+
+    return sum(stored_bytes(layer) for layer in past_key_values.layers)
 
 
 def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None) -> dict:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from cspkv import ops, policy
-from cspkv.cache import Liveness, PrunedLayer, _CROP_TAKES_REMOVAL, check_cache, compact
+from cspkv.cache import Liveness, PrunedLayer, _CROP_TAKES_REMOVAL, append_reserve, check_cache, compact, stored_bytes
 from cspkv.config import CSPConfig
 
 
@@ -144,6 +144,42 @@ def test_pruned_layer_crop_only_removes_appended_tokens():
     assert layer.keys.shape[-2] == 6 and layer.get_seq_length() == 13 and layer.kv_valid.shape[-1] == 6
     with pytest.raises(NotImplementedError, match="pruned cache"):
         layer.crop(-3)
+
+
+def test_pruned_layer_appends_in_place_into_a_reserve():
+    layer = _layer()  # 5 stored slots, row 1's first one dead
+    expected_k, expected_v = layer.keys.clone(), layer.values.clone()
+    capacity = 6 + append_reserve(6)
+    pointers = set()
+    for step in range(capacity - 5 + 1):  # fills the store, then one more append grows it
+        k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+        keys, values = layer.update(k, v)
+        expected_k, expected_v = torch.cat([expected_k, k], dim=-2), torch.cat([expected_v, v], dim=-2)
+        assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+        assert keys is layer.keys and layer.kv_valid.shape == (2, 2, 6 + step)
+        pointers.add(keys.data_ptr())
+        if step == capacity - 6:  # the store is full: the keys have not moved since the first append
+            assert len(pointers) == 1 and stored_bytes(layer) == 2 * keys.numel() * keys.element_size()
+    assert len(pointers) == 2  # one growth past the first store
+    assert stored_bytes(layer) > 2 * keys.numel() * keys.element_size()  # the free slots are counted
+    assert not bool(layer.kv_valid[1, :, 0].any()) and bool(layer.kv_valid[..., 5:].all())
+    assert layer.get_seq_length() == 12 + capacity - 4
+
+
+def test_pruned_layer_reserve_survives_crop_and_outside_reassignment():
+    layer = _layer()
+    layer.update(torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4))
+    layer.kv_valid[0, :, -1] = False  # a dead slot appended (padding inside a chunk) ...
+    layer.crop(-1 if _CROP_TAKES_REMOVAL else 13)
+    k = torch.randn(2, 2, 1, 4)
+    layer.update(k, k)
+    assert bool(layer.kv_valid[..., -1].all())  # ... cropped: the slot appended in its place is live
+    assert torch.equal(layer.keys[..., -1:, :], k)
+    # A layer whose tensors were replaced from outside (transformers' offloading) is copied, not overwritten.
+    moved = layer.keys.clone()
+    layer.keys = moved
+    layer.update(k, k)
+    assert layer.keys.shape[-2] == 8 and torch.equal(layer.keys[..., :7, :], moved) and torch.equal(moved, layer.keys[..., :7, :])
 
 
 def test_pruned_layer_reset_and_liveness():

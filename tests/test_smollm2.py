@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import cspkv
+from cspkv.cli import kv_nbytes
 from cspkv.segments import passkey_case
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,10 +66,6 @@ def _answer(tokenizer, model, ids, **kwargs):
     return tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True), out.sequences, cache
 
 
-def _stored_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pass_key_survives_pruning_to_20_percent(smollm2, seed):
@@ -88,7 +85,7 @@ def test_pass_key_survives_pruning_to_20_percent(smollm2, seed):
     assert key in answer, f"pruned to 20% the model answered {answer!r}"
     assert stats["pruned_layers"] == model.config.num_hidden_layers
     assert stats["kv_bytes_before"] >= 4 * stats["kv_bytes_after"]
-    assert _stored_bytes(full_cache) >= 4 * _stored_bytes(cache)
+    assert kv_nbytes(full_cache) >= 4 * kv_nbytes(cache)
 
 
 @pytest.mark.slow

@@ -152,7 +152,8 @@ void nsoftmax_attention_kernel(const scalar_t* q,       // [B, H, Q, D] contiguo
                                CacheStrides ks,
                                const scalar_t* values,  // [B, Hkv, Lc, Dv]
                                CacheStrides vs,
-                               const bool* valid,       // [B, Hkv or 1, Lc] contiguous, or nullptr
+                               const bool* valid,       // [B, Hkv or 1, Lc] (last dim contiguous), or nullptr
+                               CacheStrides vals,       // its strides (l unused)
                                int64_t valid_heads,     // Hkv or 1
                                const AttentionShape& shape, float scale, double n,
                                scalar_t* out) {         // [B, H, Q, Dv] contiguous
@@ -207,7 +208,7 @@ void nsoftmax_attention_kernel(const scalar_t* q,       // [B, H, Q, D] contiguo
       const int64_t key_end = std::min((part + 1) * Lc / parts, limits[n_rows - 1]);
       const scalar_t* head_keys = keys + b * ks.b + h * ks.h;
       const scalar_t* head_values = values + b * vs.b + h * vs.h;
-      const bool* head_valid = valid == nullptr ? nullptr : valid + (b * valid_heads + h % valid_heads) * Lc;
+      const bool* head_valid = valid == nullptr ? nullptr : valid + b * vals.b + h % valid_heads * vals.h;
 
       for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockKeys) {
         const int64_t n_keys = std::min(kBlockKeys, key_end - j0);
@@ -278,14 +279,16 @@ at::Tensor nsoftmax_attention_cpu(const at::Tensor& q, const at::Tensor& keys, c
   at::Tensor valid;
   if (kv_valid.has_value()) {
     valid = kv_valid->dim() == 2 ? kv_valid->unsqueeze(1) : *kv_valid;  // [B, Hkv or 1, Lc]
-    valid = valid.contiguous();
+    if (valid.stride(2) != 1) valid = valid.contiguous();  // a pruned layer's view of its store is read in place
   }
   at::Tensor out = at::empty({shape.B, shape.H, shape.Q, shape.Dv}, q.options());
   CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nsoftmax_attention_cpu", [&] {
     nsoftmax_attention_kernel<scalar_t>(
         q_c.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), {k.stride(0), k.stride(1), k.stride(2)},
         v.data_ptr<scalar_t>(), {v.stride(0), v.stride(1), v.stride(2)},
-        valid.defined() ? valid.data_ptr<bool>() : nullptr, valid.defined() ? valid.size(1) : 1, shape,
+        valid.defined() ? valid.data_ptr<bool>() : nullptr,
+        valid.defined() ? CacheStrides{valid.stride(0), valid.stride(1), 1} : CacheStrides{0, 0, 1},
+        valid.defined() ? valid.size(1) : 1, shape,
         static_cast<float>(scale), n, out.data_ptr<scalar_t>());
   });
   return out;
