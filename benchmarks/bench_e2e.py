@@ -13,7 +13,9 @@ bytes and peak memory, full cache vs CSP at budgets {0.1, 0.2, 0.5}.
   bfloat16 (timing needs no trained weights) at 4k and 16k tokens, batch 1 and
   8, plus the largest batch that fits, full vs pruned, and CSP 20% at 4k x 1
   scored in two passes (`prefill_lse=False`), to show what one-pass scoring
-  saves. The `scoring` column says how the CSP rows scored.
+  saves, and pruned on the layers' own stream (`overlap_pruning=False`), to
+  show what the side stream saves. The `scoring` column says how the CSP rows
+  scored.
 
 Writes benchmarks/results/e2e-<device>.md/.json/.png and prints whether each
 target holds.
@@ -45,14 +47,15 @@ DECODE_TOKENS, DECODE_TOKENS_QUICK = 32, 8
 
 
 def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: torch.device, *,
-            warmup: bool = True, runs: int = 1, track_rss: bool = False, prefill_lse: bool = True) -> dict:
+            warmup: bool = True, runs: int = 1, track_rss: bool = False, variant: str = "", **overrides) -> dict:
     """Prefill + greedy decode with a hand-written loop (so prefill and decode are timed apart).
 
     A warm-up run (unless `warmup` is False), then `runs` timed runs: the median
     of each time. Peak memory covers the timed runs: on GPU torch's peak
     allocation (weights included); on CPU, with `track_rss`, the peak resident
     set size above the one before them. Only the last position's logits are
-    computed.
+    computed. `overrides` are CSPConfig fields, `variant` names them in the
+    policy column ("csp (<variant>)").
     """
     from transformers import DynamicCache
 
@@ -60,7 +63,7 @@ def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: t
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    handle = cspkv.patch(model, budget=budget, prefill_lse=prefill_lse) if budget is not None else None
+    handle = cspkv.patch(model, budget=budget, **overrides) if budget is not None else None
     prefills, decodes, prunes, scoring = [], [], [], set()
     try:
         for attempt in range(int(warmup) + runs):
@@ -86,7 +89,7 @@ def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: t
                     token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
                 sync()
                 decodes.append((time.perf_counter() - start) / decode_tokens)
-        policy = ("csp" if prefill_lse else "csp (two passes)") if budget else "full"
+        policy = (f"csp ({variant})" if variant else "csp") if budget else "full"
         result = {"budget": budget or 1.0, "policy": policy, "batch": input_ids.shape[0],
                   "prompt": input_ids.shape[1], "ttft_ms": 1e3 * statistics.median(prefills[int(warmup):]),
                   "decode_ms_per_token": 1e3 * statistics.median(decodes[int(warmup):]),
@@ -208,10 +211,12 @@ def run_gpu(device: torch.device, quick: bool, kv_memory_gib: float):
             rows.append({"budget": b or 1.0, "policy": "csp" if b else "full", "batch": B, "prompt": L,
                          "ttft_ms": "OOM"})
         torch.cuda.empty_cache()
-    # What scoring in one pass (the prefill's log-sum-exp) saves: CSP 20% at 4k x 1 scored in two passes.
+    # What scoring in one pass (the prefill's log-sum-exp) and pruning on a side stream save: CSP 20% at 4k x 1
+    # scored in two passes, and pruned on the layers' stream.
     ids = torch.randint(0, 32000, (1, 4096), device=device)
-    rows.append(measure(model, ids, (torch.rand(1, 4096, device=device) < 0.5).long(), 0.2, DECODE_TOKENS, device,
-                        runs=3, prefill_lse=False))
+    seg = (torch.rand(1, 4096, device=device) < 0.5).long()
+    rows.append(measure(model, ids, seg, 0.2, DECODE_TOKENS, device, runs=3, variant="two passes", prefill_lse=False))
+    rows.append(measure(model, ids, seg, 0.2, DECODE_TOKENS, device, runs=3, variant="in line", overlap_pruning=False))
     # Fixed memory for the batch search: the weights plus `kv_memory_gib` for the caches and activations.
     index = device.index if device.index is not None else torch.cuda.current_device()
     weights = torch.cuda.memory_allocated(index)
@@ -287,8 +292,10 @@ def targets(rows, device: torch.device):
     else:
         full, csp = row("full", 1.0, 4096), row("csp", 0.2, 4096)
         if full and csp and full["ttft_ms"] != "OOM":
+            in_line = row("csp (in line)", 0.2, 4096)
+            also = f"; pruned in line: {in_line['ttft_ms']:.0f} ms" if in_line else ""
             out.append((f"GPU pruning adds <= 2% to time to first token (7B shape, 4k): "
-                        f"{csp['ttft_ms']:.0f} vs {full['ttft_ms']:.0f} ms{_prune_share(csp, full)}",
+                        f"{csp['ttft_ms']:.0f} vs {full['ttft_ms']:.0f} ms{_prune_share(csp, full)}{also}",
                         csp["ttft_ms"] <= 1.02 * full["ttft_ms"]))
         mb = {r["policy"]: r for r in rows if "max_batch" in r}
         if len(mb) == 2:

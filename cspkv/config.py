@@ -111,6 +111,13 @@ class CSPConfig:
         `cspkv.prefill_lse`); otherwise, or with False, the scoring kernels
         compute it in a first pass over the keys. The scores agree up to float
         rounding; `PatchHandle.stats()` names per layer which way ran.
+    overlap_pruning : bool, default True
+        CUDA: score, select and compact a layer's cache on a side stream (one
+        per device), so that it overlaps the prefill of the layers after it;
+        the model's forward call returns with its stream waiting for that
+        work, so whatever runs next on it sees the pruned cache. The result is
+        the same either way; False prunes on the layer's own stream. No effect
+        on a CPU, or when an attention module is called outside its model.
 
     Example
     -------
@@ -131,6 +138,7 @@ class CSPConfig:
     sinks: int = 4
     seed: int = 0
     prefill_lse: bool = True
+    overlap_pruning: bool = True
 
     def __post_init__(self) -> None:
         _check_size("budget", self.budget, allow_zero=False)
@@ -169,8 +177,9 @@ class CSPConfig:
                 _fail(field, f"must be an int >= {low}, got {value!r}", TypeError)
             if value < low:
                 _fail(field, f"must be an int >= {low}, got {value!r}")
-        if not isinstance(self.prefill_lse, bool):
-            _fail("prefill_lse", f"must be a bool, got {self.prefill_lse!r}", TypeError)
+        for field in ("prefill_lse", "overlap_pruning"):
+            if not isinstance(getattr(self, field), bool):
+                _fail(field, f"must be a bool, got {getattr(self, field)!r}", TypeError)
         if self.pool is not None:
             if isinstance(self.pool, bool) or not isinstance(self.pool, int):
                 _fail("pool", f"must be an odd int >= 1 or None, got {self.pool!r}", TypeError)

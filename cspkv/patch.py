@@ -95,6 +95,7 @@ class _Call:
         self.checked_masks: Dict[int, tuple] = {}  # prefill_lse.window_lse's memo
         self.plans: Optional[List[policy.RowPlan]] = None
         self.logged_short = False
+        self.joins: Dict[torch.device, tuple] = {}  # device: (the layers' stream, the side stream pruning ran on)
 
     def modality_ids(self, batch: int, length: int) -> torch.Tensor:
         """k_mod [B, L] (CPU int64), -1 at padding."""
@@ -126,6 +127,23 @@ class _Call:
             k_mod = ids.to(device)
             self._on_device[device] = (k_mod, policy.window_query_ids(k_mod, self.plans))
         return self._on_device[device] + (self.plans,)
+
+    def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        """The handle's side stream on `device`, made to wait for the work queued so far on the
+        current stream; the call's end (`PatchHandle._post_hook`) makes that stream wait for it."""
+        main = torch.cuda.current_stream(device)
+        side = self.handle._side_streams.get(device)
+        if side is None:  # high priority: pruning keeps up with the layers, the full K/V it reads are freed soon
+            side = self.handle._side_streams[device] = torch.cuda.Stream(device, priority=-1)
+        side.wait_stream(main)
+        self.joins.setdefault(device, (main, side))
+        return side
+
+    def join(self) -> None:
+        """Make each device's layer stream wait for the pruning queued on its side stream."""
+        for main, side in self.joins.values():
+            main.wait_stream(side)
+        self.joins.clear()
 
     def chunk_live(self, chunk: int, total: int, device: torch.device) -> Optional[torch.Tensor]:
         """bool [B, 1, chunk]: which of the last `chunk` of `total` positions the call's 2-D mask
@@ -290,22 +308,20 @@ class _LayerPatch:
             return
 
         nvtx = handle.nvtx and device.type == "cuda"
-        timer = _Timer(device)
-        bytes_before = key.numel() * key.element_size() + value.numel() * value.element_size()
-        scoring = {}
-        lse = None
-        if config.policy in prefill_lse.POLICIES:
-            lse, why = prefill_lse.window_lse(capture, scale=scaling, query=query, k_mod=k_mod, q_mod=q_mod, plans=plans,
-                                              checked_masks=call.checked_masks)
-            scoring["scoring"] = "one pass (log-sum-exp of the prefill attention)" if lse is not None else f"two passes: {why}"
-        with _Range("cspkv::score", nvtx):
-            self_scores, cross_scores = policy.scores(config, query, key, q_mod, k_mod, scale=scaling, layer=self.layer_idx, lse=lse)
-        with _Range("cspkv::select", nvtx):
-            keep_idx, keep_valid = policy.select(self_scores, cross_scores, k_mod, plans)
-        with _Range("cspkv::compact", nvtx):
-            keys_c, values_c = cache_mod.compact(key, value, keep_idx, keep_valid)
+        side = None
+        if config.overlap_pruning and _has_streams(device) and call is handle._call:
+            side = call.side_stream(device)
+            # Tensors of the layer's stream read on the side one: their memory is not reused before that work ran.
+            for t in (query, key, value, None if capture is None else capture.lse):
+                if t is not None:
+                    t.record_stream(side)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            timer = _Timer(device)
+            keys_c, values_c, keep_valid, scoring = self._score_select_compact(query, key, value, scaling, capture, call,
+                                                                               k_mod, q_mod, plans, nvtx)
+            self._events = timer.stop()
         self.cache.layers[self.layer_idx] = cache_mod.PrunedLayer(keys_c, values_c, keep_valid, L, handle.liveness)
-        self._events = timer.stop()
+        bytes_before = key.numel() * key.element_size() + value.numel() * value.element_size()
         self.stats = {
             "layer": self.layer_idx,
             "pruned": True,
@@ -319,11 +335,33 @@ class _LayerPatch:
             **scoring,
         }
 
+    def _score_select_compact(self, query, key, value, scaling, capture, call, k_mod, q_mod, plans, nvtx):
+        """(kept keys, kept values, keep_valid, {"scoring": how} or {}) of the layer's prompt."""
+        config = self.handle.config
+        scoring = {}
+        lse = None
+        if config.policy in prefill_lse.POLICIES:
+            lse, why = prefill_lse.window_lse(capture, scale=scaling, query=query, k_mod=k_mod, q_mod=q_mod, plans=plans,
+                                              checked_masks=call.checked_masks)
+            scoring["scoring"] = "one pass (log-sum-exp of the prefill attention)" if lse is not None else f"two passes: {why}"
+        with _Range("cspkv::score", nvtx):
+            self_scores, cross_scores = policy.scores(config, query, key, q_mod, k_mod, scale=scaling, layer=self.layer_idx, lse=lse)
+        with _Range("cspkv::select", nvtx):
+            keep_idx, keep_valid = policy.select(self_scores, cross_scores, k_mod, plans)
+        with _Range("cspkv::compact", nvtx):
+            keys_c, values_c = cache_mod.compact(key, value, keep_idx, keep_valid)
+        return keys_c, values_c, keep_valid, scoring
+
     def snapshot(self) -> dict:
         out = dict(self.stats)
         if self._events is not None:
             out["prune_ms"] = _Timer.elapsed_ms(self._events)
         return out
+
+
+def _has_streams(device: torch.device) -> bool:
+    """Whether pruning on `device` can run on a side stream (CSPConfig.overlap_pruning)."""
+    return device.type == "cuda"
 
 
 class _Timer:
@@ -386,6 +424,7 @@ class PatchHandle:
         self._hooks: list = []
         self._call: Optional[_Call] = None
         self._depth = 0
+        self._side_streams: Dict[torch.device, "torch.cuda.Stream"] = {}  # CSPConfig.overlap_pruning
         self._modality_override: Optional[torch.Tensor] = None
         self.removed = False
 
@@ -409,6 +448,8 @@ class PatchHandle:
     def _post_hook(self, module, args, kwargs, output):
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
+            if self._call is not None:
+                self._call.join()
             self._call = None
         return None
 
@@ -423,6 +464,8 @@ class PatchHandle:
             hook.remove()
         self._hooks.clear()
         self.liveness.active = False
+        if self._call is not None:
+            self._call.join()
         self._call, self._depth = None, 0
         self.removed = True
         if getattr(self.model, "_cspkv_handle", None) is self:
@@ -435,7 +478,10 @@ class PatchHandle:
         Returns {"layers": {idx: {...}}, "skipped": {idx: reason}, "pruned_layers",
         "kv_bytes_before", "kv_bytes_after", "prune_ms"}. A pruned layer's entry has
         prompt_len, kept (stored slots), kept_per_row, kv_bytes_before/after,
-        prune_ms, device and, for the window-scoring policies (csp, snapkv),
+        prune_ms (wall time on a CPU; on a GPU the time between CUDA events around
+        the layer's pruning, which with `overlap_pruning` runs on a side stream
+        alongside the later layers: their sum is then more than what pruning
+        adds to the prefill), device and, for the window-scoring policies (csp, snapkv),
         scoring: "one pass (...)" when the prefill attention's log-sum-exp was
         used, else "two passes: <why not>" (see `cspkv.prefill_lse`); an
         unpruned one has the reason.

@@ -40,7 +40,7 @@ def test_config_out_of_range_names_the_field(field, value):
 
 
 @pytest.mark.parametrize("field, value", [("budget", "20%"), ("budget", True), ("cross_ratio", None), ("min_prompt", 2.5), ("layers", 3),
-                                          ("pool", 15.0), ("pool", True)])
+                                          ("pool", 15.0), ("pool", True), ("prefill_lse", 1), ("overlap_pruning", "yes")])
 def test_config_wrong_type_names_the_field(field, value):
     with pytest.raises(TypeError, match=f"CSPConfig.{field} "):
         cspkv.CSPConfig(**{field: value})
@@ -50,6 +50,7 @@ def test_config_defaults_and_overrides():
     config = cspkv.CSPConfig()
     assert (config.budget, config.window, config.recent, config.cross_ratio, config.n, config.decode_n) == (0.2, 0.1, None, 0.9, 1.0, 0.0)
     assert (config.pool, config.pool_width) == (None, 15)
+    assert config.prefill_lse is True and config.overlap_pruning is True
     assert config.replace(layers=[3, 1]).layers == (1, 3)
     with pytest.raises(TypeError, match="no field 'budjet'"):
         config.replace(budjet=0.3)

@@ -184,6 +184,34 @@ def test_cuda_generate(attn):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_overlapped_pruning_matches_pruning_in_line():
+    """CSPConfig.overlap_pruning: pruning on a side stream gives the same tokens, logits and pruned
+    caches as pruning on the layers' stream, for a padded GQA batch and a follow-up turn; the side
+    stream is used only with the option, and the call leaves no pending join behind."""
+    model = tiny_model("llama", layers=6).to("cuda")
+    prompts = [prompt(n, seed=60 + n)[0] for n in (300, 211, 257)]
+    ids, mask = (t.cuda() for t in left_pad(prompts))
+    runs = {}
+    for overlap in (False, True):
+        with cspkv.patched(model, budget=0.3, min_prompt=8, overlap_pruning=overlap) as handle:
+            out = generate(model, ids, mask, new=10)
+            assert bool(handle._side_streams) == overlap
+            cache = returned_cache(out)
+            more = torch.cat([out.sequences, prompt(5, seed=9, batch=3).cuda()], dim=1)
+            follow = generate(model, more, torch.cat([mask, torch.ones(3, 15, device="cuda", dtype=mask.dtype)], 1),
+                              new=4, **{CACHE_KW: cache})
+            runs[overlap] = (out, follow, [(l.keys.clone(), l.values.clone(), l.kv_valid.clone()) for l in cache.layers])
+    (a, fa, ca), (b, fb, cb) = runs[False], runs[True]
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(fa.sequences, fb.sequences)
+    for x, y in zip(a.logits + fa.logits, b.logits + fb.logits):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    for layer_a, layer_b in zip(ca, cb):
+        for x, y in zip(layer_a, layer_b):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_cuda_pruning_adds_no_host_sync_per_layer():
     """Host-device synchronisations (counted by torch's CUDA sync debug mode): a decode step on
     a pruned cache makes no more than one on the full cache, and a pruned prefill at most one

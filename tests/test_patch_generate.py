@@ -5,6 +5,9 @@ modalities, accelerate dispatch and the stats API (tiny Llama-layout models, CPU
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -264,3 +267,41 @@ def test_nvtx_ranges_are_a_no_op_on_cpu(monkeypatch):
         assert handle.nvtx
         cache = returned_cache(model(prompt(40, seed=22), use_cache=True))
     assert cache_layer_lengths(cache) == [20, 20]
+
+
+def test_overlapped_pruning_orders_the_streams(monkeypatch):
+    """The overlap_pruning branch, run on CPU with stand-in streams: each pruned layer's side
+    stream first waits for the layer's stream and holds on to the tensors it reads (query, key,
+    value, the prefill's log-sum-exp); the model's forward call ends with the layer's stream
+    waiting for the side one, once, after all of them. The CUDA test compares the results."""
+    patch_module = importlib.import_module("cspkv.patch")  # `cspkv.patch` the attribute is the function
+
+    order = []
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            order.append(f"{self.name} waits for {other.name}")
+
+    main = Stream("main")
+    monkeypatch.setattr(patch_module, "_has_streams", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: order.append(f"on {stream.name}") or contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: order.append(f"{stream.name} holds {list(t.shape)}"), raising=False)
+    model = tiny_model("llama", layers=3)
+    ids = prompt(40, seed=23)
+    with torch.no_grad(), cspkv.patched(model, budget=0.5, min_prompt=8) as handle:
+        cache = returned_cache(model(ids, use_cache=True))
+        assert len(handle._side_streams) == 1
+    assert cache_layer_lengths(cache) == [20, 20, 20]
+    heads, kv_heads, dim = model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim
+    layer = ["side waits for main", f"side holds {[1, heads, 40, dim]}", f"side holds {[1, kv_heads, 40, dim]}",
+             f"side holds {[1, kv_heads, 40, dim]}", f"side holds {[1, heads, 40]}", "on side"]
+    assert order == 3 * layer + ["main waits for side"]
+    order.clear()
+    with torch.no_grad(), cspkv.patched(model, budget=0.5, min_prompt=8, overlap_pruning=False) as handle:
+        model(ids, use_cache=True)
+        assert not handle._side_streams and not order

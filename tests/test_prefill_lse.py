@@ -183,12 +183,6 @@ def test_eager_attention_scores_in_two_passes_and_says_why():
     assert reasons == {"two passes: the attention function made no scaled_dot_product_attention call"}
 
 
-def test_prefill_lse_must_be_a_bool():
-    with pytest.raises(TypeError, match=r"CSPConfig\.prefill_lse must be a bool"):
-        CSPConfig(prefill_lse=1)
-    assert CSPConfig().prefill_lse is True
-
-
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
 
