@@ -50,12 +50,9 @@ def append_reserve(stored: int) -> int:
 
 
 class _Store:
-    """A pruned layer's preallocated keys, values and validity, and the views handed out of them.
-
-    `keys`, `values`, `kv_valid` are the slices [..., :stored] last given to the layer; a layer
-    whose tensors are no longer these exact objects (offloaded, reassigned from outside) is
-    copied into a new store at its next append.
-    """
+    """A pruned layer's preallocated keys, values and validity [B, Hkv, capacity(, D)], and the
+    views [..., :stored] last handed to the layer; a layer whose tensors are no longer these exact
+    objects (offloaded, reassigned from outside) is copied into a new store at its next append."""
 
     __slots__ = ("key_slots", "value_slots", "valid_slots", "keys", "values", "kv_valid")
 
@@ -64,20 +61,19 @@ class _Store:
         self.key_slots = keys.new_empty(B, H, capacity, keys.shape[-1])
         self.value_slots = values.new_empty(B, H, capacity, values.shape[-1])
         self.valid_slots = torch.ones(B, H, capacity, dtype=torch.bool, device=kv_valid.device)  # appended slots are live
-        self.key_slots[:, :, :n].copy_(keys)
-        self.value_slots[:, :, :n].copy_(values)
-        self.valid_slots[:, :, :n].copy_(kv_valid)
-        self.view(n)
-
-    @property
-    def capacity(self) -> int:
-        return self.key_slots.shape[2]
+        self.key_slots.narrow(2, 0, n).copy_(keys)
+        self.value_slots.narrow(2, 0, n).copy_(values)
+        self.valid_slots.narrow(2, 0, n).copy_(kv_valid)
+        self.keys, self.values, self.kv_valid = keys, values, kv_valid
 
     def holds(self, layer: "PrunedLayer") -> bool:
         return layer.keys is self.keys and layer.values is self.values and layer.kv_valid is self.kv_valid
 
-    def view(self, n: int) -> None:
-        self.keys, self.values, self.kv_valid = self.key_slots[:, :, :n], self.value_slots[:, :, :n], self.valid_slots[:, :, :n]
+    def view(self, layer: "PrunedLayer", n: int) -> None:
+        """Hand the first `n` slots to `layer`."""
+        layer.keys = self.keys = self.key_slots.narrow(2, 0, n)
+        layer.values = self.values = self.value_slots.narrow(2, 0, n)
+        layer.kv_valid = self.kv_valid = self.valid_slots.narrow(2, 0, n)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.key_slots, self.value_slots))
@@ -137,14 +133,13 @@ class PrunedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        n, t = self.keys.shape[-2], key_states.shape[-2]
+        n, t = self.keys.shape[2], key_states.shape[2]
         store = self._store
-        if store is None or not store.holds(self) or n + t > store.capacity:
+        if store is None or not store.holds(self) or n + t > store.key_slots.shape[2]:
             store = self._store = _Store(self.keys, self.values, self.kv_valid, n + t + append_reserve(n + t))
-        store.key_slots[:, :, n : n + t].copy_(key_states)
-        store.value_slots[:, :, n : n + t].copy_(value_states)
-        store.view(n + t)
-        self.keys, self.values, self.kv_valid = store.keys, store.values, store.kv_valid
+        store.key_slots.narrow(2, n, t).copy_(key_states)
+        store.value_slots.narrow(2, n, t).copy_(value_states)
+        store.view(self, n + t)
 
     def get_seq_length(self) -> int:
         """The logical length: prompt tokens before pruning plus appended tokens."""
@@ -200,8 +195,7 @@ class PrunedLayer(DynamicLayer):
         store = self._store
         if store is not None and store.holds(self):
             store.valid_slots[:, :, n:].fill_(True)  # the freed slots are appended to again, as live ones
-            store.view(n)
-            self.keys, self.values, self.kv_valid = store.keys, store.values, store.kv_valid
+            store.view(self, n)
         else:
             self.keys = self.keys[..., :n, :]
             self.values = self.values[..., :n, :]

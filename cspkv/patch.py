@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -283,7 +284,8 @@ class _LayerPatch:
         Q = query.shape[-2]
         live = None if call is None else call.chunk_live(Q, layer.logical_len, layer.kv_valid.device)
         if live is not None:  # padding inside a new chunk (a padded follow-up turn) stays dead
-            layer.kv_valid[..., -Q:] &= live
+            new_slots = layer.kv_valid.narrow(-1, layer.kv_valid.shape[-1] - Q, Q)
+            new_slots &= live
         out = ops.nsoftmax_attention(query, key, value, scale=scaling, n=self.handle.config.decode_n, kv_valid=layer.kv_valid)
         return out.transpose(1, 2).contiguous(), None
 
@@ -508,12 +510,18 @@ class PatchHandle:
         return f"PatchHandle({type(self.model).__name__}, {state}, {self.config})"
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(fn) -> inspect.Signature:
+    """inspect.signature, once per function: a model called with positional ids binds them at every decode step."""
+    return inspect.signature(fn)
+
+
 def _bind(module: nn.Module, args, kwargs) -> dict:
     """The call's arguments by name (positional ones mapped through the forward's signature)."""
     if not args:
         return kwargs
     try:
-        bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs)
+        bound = _signature(type(module).forward).bind_partial(module, *args, **kwargs)
         named = dict(bound.arguments)
         named.update(named.pop("kwargs", {}) or {})
         return named
