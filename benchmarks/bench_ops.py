@@ -7,6 +7,9 @@ speed-up, and on GPU GB/s as a share of a device-to-device copy measured in
 the same run (plus TFLOP/s against a measured GEMM peak where compute matters).
 `nsoftmax_attention` decode is also timed against
 `torch.nn.functional.scaled_dot_product_attention` on the same pruned cache.
+"cache append (decode)": one token appended to a pruned layer of 20% of the
+prompt and cropped off again, cspkv's `PrunedLayer` (written in place into its
+store) against transformers' `DynamicLayer` (concatenation) as the reference.
 Writes benchmarks/results/ops-<device>.md/.json and prints whether each target
 holds. Each case runs inside an NVTX range named after it.
 
@@ -26,7 +29,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from transformers.cache_utils import DynamicLayer  # noqa: E402
+
 from cspkv import ops, reference  # noqa: E402
+from cspkv.cache import Liveness, PrunedLayer  # noqa: E402
 
 SHAPES = {  # name: (H, Hkv, D)
     "SmolLM2-135M": (9, 3, 64),
@@ -153,6 +159,15 @@ def run(device: torch.device, lengths, dtype, quick: bool):
              nbytes(q1, kc, vc) + q1.numel() * q1.element_size(), flops=4.0 * H * K * D,
              peer=lambda: F.scaled_dot_product_attention(q1, kc, vc, scale=scale, enable_gqa=True),
              peer_name="sdpa")
+
+        if W == 32:  # a decode step's append to the pruned cache (no window in it: once per model and length)
+            k1 = torch.randn(1, Hkv, 1, D, generator=gen).to(device, dtype)
+            in_place = PrunedLayer(kc, vc, torch.ones(1, Hkv, K, dtype=torch.bool, device=device), L, Liveness())
+            in_place.update(k1, k1)  # steady state: the pruned layer has its store
+            concatenating = DynamicLayer()
+            concatenating.update(kc, vc)
+            case("cache append (decode)", lambda: (in_place.update(k1, k1), in_place.crop(-1)),
+                 lambda: (concatenating.update(k1, k1), concatenating.crop(-1)), 2 * nbytes(k1))
     return rows, copy_gbs, peak_tflops
 
 
@@ -206,7 +221,8 @@ def main() -> int:
 
     header = (f"# cspkv op benchmark on {common.device_description(device)}\n\n"
               f"dtype {str(dtype).replace('torch.', '')}, batch 1, budget 20%, recent = window; "
-              f"median of up to 7 runs; reference = cspkv/reference.py on the same inputs"
+              f"median of up to 7 runs; reference = cspkv/reference.py on the same inputs (for the cache "
+              f"append: a transformers DynamicLayer of the same size, one token appended and cropped off again)"
               + ("; kernel, reference and peer calls interleaved round by round, each round timing as many "
                  f"back-to-back calls of each as take about {common.CPU_SAMPLE_SECONDS * 1e3:g} ms (at most 100)."
                  if device.type == "cpu" else "."))
