@@ -79,6 +79,20 @@ class _Range:
 # --------------------------------------------------------------------------- per-call context
 
 
+def _to_host(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """CPU copies of `tensors` (None stays None), waiting for each GPU once, not once per tensor."""
+    out, devices = [], set()
+    for t in tensors:
+        if t is not None and t.device.type == "cuda":
+            devices.add(t.device)
+            out.append(t.to("cpu", non_blocking=True))  # into pinned memory, ready after the stream's wait below
+        else:
+            out.append(None if t is None else t.to("cpu"))
+    for device in devices:
+        torch.cuda.current_stream(device).synchronize()
+    return out
+
+
 class _Call:
     """What one top-level forward call tells every patched layer: the prompt's ids and mask.
 
@@ -103,17 +117,16 @@ class _Call:
         if self._ids is None:
             if self.override is not None:
                 check_shape(self.override, batch, length)
-                ids = self.override.to("cpu")
+            elif self.input_ids is not None and tuple(self.input_ids.shape[:2]) != (batch, length):
+                raise RuntimeError(
+                    f"cspkv: the layer prunes a prompt of shape [B, L] = [{batch}, {length}] but the call's "
+                    f"input_ids have shape {list(self.input_ids.shape)}; give explicit ids with cspkv.modalities(model, ids)"
+                )
+            given, mask = _to_host(self.override if self.override is not None else self.input_ids, self.attention_mask)
+            if self.override is not None:
+                ids = given
             else:
-                input_ids = self.input_ids
-                if input_ids is not None and tuple(input_ids.shape[:2]) != (batch, length):
-                    raise RuntimeError(
-                        f"cspkv: the layer prunes a prompt of shape [B, L] = [{batch}, {length}] but the call's "
-                        f"input_ids have shape {list(input_ids.shape)}; give explicit ids with cspkv.modalities(model, ids)"
-                    )
-                adapter, model = self.handle.adapter, self.handle.model
-                ids = adapter.modality_ids(model, None if input_ids is None else input_ids.to("cpu"), (batch, length), torch.device("cpu"))
-            mask = None if self.attention_mask is None else self.attention_mask.to("cpu")
+                ids = self.handle.adapter.modality_ids(self.handle.model, given, (batch, length), torch.device("cpu"))
             self._ids = mask_padding(ids.long(), mask)
         return self._ids
 
@@ -125,7 +138,8 @@ class _Call:
             if ids.shape[0] > 1 and bool(((ids[:, -1] < 0) & (ids >= 0).any(dim=1)).any()):
                 logger.warning("cspkv: a batch row ends with padding; cspkv expects left padding (its window then holds fewer queries)")
         if device not in self._on_device:
-            k_mod = ids.to(device)
+            # From pinned memory a copy to a GPU does not wait for the GPU's queue to drain.
+            k_mod = ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids.to(device)
             self._on_device[device] = (k_mod, policy.window_query_ids(k_mod, self.plans))
         return self._on_device[device] + (self.plans,)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -171,14 +171,19 @@ def scores(config: CSPConfig, q: torch.Tensor, keys: torch.Tensor, q_mod: torch.
 
 
 def _pad_row(idx: torch.Tensor, valid: torch.Tensor, K: int, L: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Grow one row's (idx, valid) [Hkv, k] to K slots with unused positions marked invalid."""
+    """Grow one row's (idx, valid) [Hkv, k] to K <= L slots with unused positions marked invalid.
+
+    Exactly K positions are kept or added per head, so sorting finds them in order: no
+    data-dependent shape, so no wait for the device (as `nonzero` would).
+    """
     Hkv, k = idx.shape
     if k == K:
         return idx, valid
     taken = torch.zeros(Hkv, L, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
     free = ~taken
     extra = free & (free.long().cumsum(-1) <= K - k)
-    new_idx = (taken | extra).nonzero()[:, 1].view(Hkv, K)
+    positions = torch.arange(L, device=idx.device)
+    new_idx = torch.where(taken | extra, positions, positions + L).sort(dim=1).values[:, :K]
     valid_at = torch.zeros(Hkv, L, dtype=torch.bool, device=idx.device).scatter_(1, idx, valid)
     return new_idx, valid_at.gather(1, new_idx)
 
@@ -188,25 +193,20 @@ def select(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """keep_idx int64 [B, Hkv, K] (ascending) and keep_valid bool [B, Hkv, K], K = max row budget.
 
-    Rows with equal (budget, recent, cross_ratio) share one `ops.select_keep` call.
+    One `ops.select_keep` call when every row has the same (budget, recent, cross_ratio);
+    otherwise one per row, on a slice of the batch (no index tensor to send to the device).
     """
     B, Hkv, L = self_scores.shape
-    groups: Dict[Tuple[int, int, float], List[int]] = {}
-    for b, plan in enumerate(plans):
-        groups.setdefault((plan.budget, plan.recent, plan.cross_ratio), []).append(b)
-    if len(groups) == 1:
-        (budget, recent, ratio), _ = next(iter(groups.items()))
-        return ops.select_keep(self_scores, cross_scores, k_mod, budget=budget, recent=recent, cross_ratio=ratio)
+    if len({(p.budget, p.recent, p.cross_ratio) for p in plans}) == 1:
+        p = plans[0]
+        return ops.select_keep(self_scores, cross_scores, k_mod, budget=p.budget, recent=p.recent, cross_ratio=p.cross_ratio)
 
     K = max(p.budget for p in plans)
     keep_idx = torch.empty(B, Hkv, K, dtype=torch.int64, device=self_scores.device)
     keep_valid = torch.empty(B, Hkv, K, dtype=torch.bool, device=self_scores.device)
-    for (budget, recent, ratio), rows in groups.items():
-        sel = torch.tensor(rows, device=self_scores.device)
-        idx, valid = ops.select_keep(
-            self_scores.index_select(0, sel), cross_scores.index_select(0, sel), k_mod.index_select(0, sel),
-            budget=budget, recent=recent, cross_ratio=ratio,
-        )
-        for i, b in enumerate(rows):
-            keep_idx[b], keep_valid[b] = _pad_row(idx[i], valid[i], K, L)
+    for b, p in enumerate(plans):
+        rows = slice(b, b + 1)
+        idx, valid = ops.select_keep(self_scores[rows], cross_scores[rows], k_mod[rows],
+                                     budget=p.budget, recent=p.recent, cross_ratio=p.cross_ratio)
+        keep_idx[b], keep_valid[b] = _pad_row(idx[0], valid[0], K, L)
     return keep_idx, keep_valid

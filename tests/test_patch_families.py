@@ -212,14 +212,19 @@ def test_cuda_overlapped_pruning_matches_pruning_in_line():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
-def test_cuda_pruning_adds_no_host_sync_per_layer():
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_pruning_adds_no_host_sync_per_layer(padded):
     """Host-device synchronisations (counted by torch's CUDA sync debug mode): a decode step on
     a pruned cache makes no more than one on the full cache, and a pruned prefill at most one
-    more than a full one (the prompt's modality ids go to the GPU once per call), whatever the
-    number of layers. The GPU runs behind the host; a sync per layer would make the host wait
-    for it at every layer, adding the host's time to the GPU's."""
+    more than a full one (the prompt's ids and mask come to the host once per call), whatever
+    the number of layers; also for a left-padded batch whose rows keep different budgets. The
+    GPU runs behind the host; a sync per layer would make the host wait for it at every layer,
+    adding the host's time to the GPU's."""
     model = tiny_model("llama", layers=4).to("cuda")
-    ids = prompt(120, seed=5).cuda()
+    if padded:
+        ids, mask = (t.cuda() for t in left_pad([prompt(n, seed=5 + n)[0] for n in (120, 77, 101)]))
+    else:
+        ids, mask = prompt(120, seed=5).cuda(), None
 
     def syncs(budget):
         """(prefill syncs, syncs of 3 decode steps) as lists of warning texts."""
@@ -238,8 +243,12 @@ def test_cuda_pruning_adds_no_host_sync_per_layer():
             counted.append([str(w.message) for w in caught if "synchroniz" in str(w.message).lower()])
             return out
 
+        step_mask = [mask]  # the mask of the next step: one column longer per decoded token
+
         def step(tokens):
-            return model(tokens, **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+            if mask is not None and tokens.shape[1] == 1:
+                step_mask[0] = torch.cat([step_mask[0], mask.new_ones(mask.shape[0], 1)], dim=1)
+            return model(tokens, attention_mask=step_mask[0], **{CACHE_KW: cache}, use_cache=True).logits[:, -1:].argmax(-1)
 
         try:
             with torch.inference_mode():
