@@ -115,7 +115,8 @@ def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None) -> d
         "tokens": out.sequences[0, input_ids.shape[1]:],
         "prefill_s": first,
         "decode_ms_per_token": 1000 * (total - first) / max(new - 1, 1),
-        "kv_bytes": kv_nbytes(out.past_key_values),
+        # transformers 5.x names the returned cache `cache` (`past_key_values` still works, with a warning).
+        "kv_bytes": kv_nbytes(out.cache if getattr(out, "cache", None) is not None else out.past_key_values),
     }
 
 
