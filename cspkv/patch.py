@@ -79,18 +79,28 @@ class _Range:
 # --------------------------------------------------------------------------- per-call context
 
 
-def _to_host(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-    """CPU copies of `tensors` (None stays None), waiting for each GPU once, not once per tensor."""
-    out, devices = [], set()
-    for t in tensors:
-        if t is not None and t.device.type == "cuda":
-            devices.add(t.device)
-            out.append(t.to("cpu", non_blocking=True))  # into pinned memory, ready after the stream's wait below
-        else:
-            out.append(None if t is None else t.to("cpu"))
-    for device in devices:
-        torch.cuda.current_stream(device).synchronize()
-    return out
+class _HostCopies:
+    """CPU copies of `tensors` (None stays None). Those of CUDA tensors are only started here,
+    into pinned memory, behind an event; `get()` waits for that event, i.e. for the copies, not
+    for whatever the GPU was given after them."""
+
+    def __init__(self, *tensors: Optional[torch.Tensor]) -> None:
+        self.tensors: List[Optional[torch.Tensor]] = []
+        self.events = []
+        for t in tensors:
+            if t is not None and t.device.type == "cuda":
+                self.tensors.append(t.to("cpu", non_blocking=True))
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(t.device))
+                self.events.append(event)
+            else:
+                self.tensors.append(None if t is None else t.to("cpu"))
+
+    def get(self) -> List[Optional[torch.Tensor]]:
+        for event in self.events:
+            event.synchronize()
+        self.events = []
+        return self.tensors
 
 
 class _Call:
@@ -111,6 +121,13 @@ class _Call:
         self.plans: Optional[List[policy.RowPlan]] = None
         self.logged_short = False
         self.joins: Dict[torch.device, tuple] = {}  # device: (the layers' stream, the side stream pruning ran on)
+        self._host: Optional[_HostCopies] = None
+
+    def start_host_copies(self) -> None:
+        """Start copying the prompt's ids (given or `input_ids`) and mask to the host: called before
+        a prefill's work is queued, the first pruned layer then waits for these copies only."""
+        if self._host is None:
+            self._host = _HostCopies(self.override if self.override is not None else self.input_ids, self.attention_mask)
 
     def modality_ids(self, batch: int, length: int) -> torch.Tensor:
         """k_mod [B, L] (CPU int64), -1 at padding."""
@@ -122,7 +139,8 @@ class _Call:
                     f"cspkv: the layer prunes a prompt of shape [B, L] = [{batch}, {length}] but the call's "
                     f"input_ids have shape {list(self.input_ids.shape)}; give explicit ids with cspkv.modalities(model, ids)"
                 )
-            given, mask = _to_host(self.override if self.override is not None else self.input_ids, self.attention_mask)
+            self.start_host_copies()  # already started by the pre-hook of a prefill call
+            given, mask = self._host.get()
             if self.override is not None:
                 ids = given
             else:
@@ -454,11 +472,14 @@ class PatchHandle:
         cache_mod.check_cache(cache)
         input_ids, attention_mask = bound.get("input_ids"), bound.get("attention_mask")
         override = self._modality_override
-        if override is not None and (cache is None or cache.get_seq_length() == 0):
+        prefill = cache is None or cache.get_seq_length() == 0
+        if override is not None and prefill:
             prompt = input_ids if isinstance(input_ids, torch.Tensor) else bound.get("inputs_embeds")
             if isinstance(prompt, torch.Tensor):
                 check_shape(override, prompt.shape[0], prompt.shape[1])
         self._call = _Call(self, input_ids, attention_mask, override)
+        if prefill:  # the first pruned layer will need them
+            self._call.start_host_copies()
         return None
 
     def _post_hook(self, module, args, kwargs, output):
