@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Everything cspkv checks on a GPU, in one run, for a machine held for minutes:
 # build the CUDA kernels for the GPU present, the CUDA tests, compute-sanitizer
-# (memcheck, alongside the tests), the op and end-to-end benchmarks, and one
-# Nsight Compute report per kernel. Each step has its own time limit, cut to
-# what is left before DEADLINE seconds (default 560) so the whole run ends in
-# time; logs and results are packed into $OUT/gpu-results.tar.gz after every
-# step (default OUT=/tmp/cspkv-gpu), the summary is printed last.
+# (memcheck, alongside the tests), the op, decode host-time and end-to-end
+# benchmarks, and one Nsight Compute report per kernel. Each step has its own
+# time limit, cut to what is left before DEADLINE seconds (default 560) so the
+# whole run ends in time; logs and results are packed into
+# $OUT/gpu-results.tar.gz after every step (default OUT=/tmp/cspkv-gpu), the
+# summary is printed last.
 #
 #   OUT=/tmp/gpu DEADLINE=560 bash benchmarks/gpu_check.sh
 #
-# STEPS picks the steps (default "build tests bench_ops ncu bench_e2e"), so a
+# STEPS picks the steps (default "build tests bench_ops bench_host ncu bench_e2e"), so a
 # lease can be split into calls on the same warm machine (the build stays);
 # SANITIZERS picks the compute-sanitizer tools (default "memcheck racecheck"),
 # SANITIZE_K narrows their runs with a pytest -k expression.
@@ -24,7 +25,7 @@ LOGS=$(mktemp -d)  # everything lands here; $OUT gets one archive (the device to
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-STEPS=${STEPS:-build tests bench_ops ncu bench_e2e}
+STEPS=${STEPS:-build tests bench_ops bench_host ncu bench_e2e}
 SANITIZERS=${SANITIZERS-memcheck racecheck}
 SANITIZE_K=${SANITIZE_K:-}
 SUMMARY="$LOGS/summary.txt"
@@ -87,6 +88,8 @@ fi
 
 # 3. Benchmarks (alone on the GPU).
 want bench_ops && step bench_ops 150 $PY benchmarks/bench_ops.py --device cuda
+# What the patch adds to a decode step's host time (a tiny model: the step is host-bound).
+want bench_host && step bench_host 60 $PY benchmarks/bench_host.py --device cuda
 
 # 4. One Nsight Compute report per kernel (each kernel replayed in isolation).
 NCU=$(tool ncu)
@@ -106,4 +109,4 @@ fi
 want bench_e2e && step bench_e2e 300 $PY benchmarks/bench_e2e.py --device cuda
 echo "total $(( $(date +%s) - start )) s" | tee -a "$SUMMARY"
 pack
-for f in tests memcheck racecheck bench_ops bench_e2e; do echo "== $f"; tail -n 25 "$LOGS/$f.log" 2>/dev/null; done
+for f in tests memcheck racecheck bench_ops bench_host bench_e2e; do echo "== $f"; tail -n 25 "$LOGS/$f.log" 2>/dev/null; done

@@ -52,9 +52,11 @@ def append_reserve(stored: int) -> int:
 class _Store:
     """A pruned layer's preallocated keys, values and validity [B, Hkv, capacity(, D)], and the
     views [..., :stored] last handed to the layer; a layer whose tensors are no longer these exact
-    objects (offloaded, reassigned from outside) is copied into a new store at its next append."""
+    objects (offloaded, reassigned from outside) is copied into a new store at its next append, as
+    is one made under `torch.inference_mode()` and appended to outside it (torch forbids writing
+    into inference tensors there: a prefill under inference mode, then `generate()`'s no_grad)."""
 
-    __slots__ = ("key_slots", "value_slots", "valid_slots", "keys", "values", "kv_valid")
+    __slots__ = ("key_slots", "value_slots", "valid_slots", "keys", "values", "kv_valid", "inference")
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, capacity: int) -> None:
         B, H, n = keys.shape[:3]
@@ -65,15 +67,44 @@ class _Store:
         self.value_slots.narrow(2, 0, n).copy_(values)
         self.valid_slots.narrow(2, 0, n).copy_(kv_valid)
         self.keys, self.values, self.kv_valid = keys, values, kv_valid
+        self.inference = self.key_slots.is_inference()
 
     def holds(self, layer: "PrunedLayer") -> bool:
+        """Whether `layer` still shows this store's views."""
         return layer.keys is self.keys and layer.values is self.values and layer.kv_valid is self.kv_valid
+
+    def writable_for(self, layer: "PrunedLayer") -> bool:
+        """Whether new tokens of `layer` can be written into this store now."""
+        return self.holds(layer) and (not self.inference or torch.is_inference_mode_enabled())
 
     def view(self, layer: "PrunedLayer", n: int) -> None:
         """Hand the first `n` slots to `layer`."""
-        layer.keys = self.keys = self.key_slots.narrow(2, 0, n)
-        layer.values = self.values = self.value_slots.narrow(2, 0, n)
-        layer.kv_valid = self.kv_valid = self.valid_slots.narrow(2, 0, n)
+        ext = ops.extension()
+        if ext is not None:
+            views = ext.store_views(self.key_slots, self.value_slots, self.valid_slots, n)
+        else:
+            views = tuple(t.narrow(2, 0, n) for t in (self.key_slots, self.value_slots, self.valid_slots))
+        self._hand(layer, views)
+
+    def append(self, layer: "PrunedLayer", n: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write `key_states`/`value_states` [B, Hkv, t, D] into slots n..n+t-1 and hand the first
+        n + t slots to `layer`: one call into the extension per layer and token (the host time of
+        a GPU decode step is what bounds it), five tensor calls from Python without it."""
+        ext = ops.extension()
+        if ext is not None:
+            self._hand(layer, ext.store_append(self.key_slots, self.value_slots, self.valid_slots, n, key_states, value_states))
+        else:
+            t = key_states.shape[2]
+            key_dst, value_dst = self.key_slots.narrow(2, n, t), self.value_slots.narrow(2, n, t)
+            if key_dst.shape != key_states.shape or value_dst.shape != value_states.shape:
+                raise RuntimeError(f"cspkv store: new keys {tuple(key_states.shape)} and values {tuple(value_states.shape)} "
+                                   f"do not match the stored {tuple(key_dst.shape)} and {tuple(value_dst.shape)}")
+            key_dst.copy_(key_states)
+            value_dst.copy_(value_states)
+            self.view(layer, n + t)
+
+    def _hand(self, layer: "PrunedLayer", views) -> None:
+        layer.keys, layer.values, layer.kv_valid = self.keys, self.values, self.kv_valid = views
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.key_slots, self.value_slots))
@@ -135,11 +166,9 @@ class PrunedLayer(DynamicLayer):
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         n, t = self.keys.shape[2], key_states.shape[2]
         store = self._store
-        if store is None or not store.holds(self) or n + t > store.key_slots.shape[2]:
+        if store is None or not store.writable_for(self) or n + t > store.key_slots.shape[2]:
             store = self._store = _Store(self.keys, self.values, self.kv_valid, n + t + append_reserve(n + t))
-        store.key_slots.narrow(2, n, t).copy_(key_states)
-        store.value_slots.narrow(2, n, t).copy_(value_states)
-        store.view(self, n + t)
+        store.append(self, n, key_states, value_states)
 
     def get_seq_length(self) -> int:
         """The logical length: prompt tokens before pruning plus appended tokens."""
@@ -193,7 +222,7 @@ class PrunedLayer(DynamicLayer):
             )
         n = self.keys.shape[-2] - remove
         store = self._store
-        if store is not None and store.holds(self):
+        if store is not None and store.writable_for(self):
             store.valid_slots[:, :, n:].fill_(True)  # the freed slots are appended to again, as live ones
             store.view(self, n)
         else:

@@ -39,7 +39,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -54,6 +54,7 @@ logger = logging.getLogger("cspkv")
 
 ATTENTION_NAME = "cspkv"
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: one object for every call that needs no context
 
 
 # --------------------------------------------------------------------------- NVTX
@@ -182,11 +183,13 @@ class _Call:
         """bool [B, 1, chunk]: which of the last `chunk` of `total` positions the call's 2-D mask
         marks real (a padded follow-up turn), computed once per call for every layer; None without
         a 2-D mask of that length."""
+        mask = self.attention_mask
+        if mask is None:
+            return None
         key = (chunk, total, device)
         if key not in self._chunk_live:
-            mask = self.attention_mask
             live = None
-            if mask is not None and mask.dim() == 2 and mask.shape[1] == total:
+            if mask.dim() == 2 and mask.shape[1] == total:
                 live = mask[:, None, -chunk:].to(device=device, dtype=torch.bool)
             self._chunk_live[key] = live
         return self._chunk_live[key]
@@ -221,6 +224,7 @@ class _LayerPatch:
         self.inner_forward = module.forward
         self.cache_position = _positional_index(type(module).forward, _CACHE_NAMES)
         self.stats: dict = {"layer": layer_idx, "pruned": False, "reason": "no prefill seen yet"}
+        self._original: Optional[tuple] = None  # (attention implementation name, its function)
         self._events = None
 
     # -- install / remove
@@ -263,22 +267,29 @@ class _LayerPatch:
 
     # -- attention
     def original_attention(self):
+        """The attention function the model's config names now (it may be changed after patching)."""
         name = self.original_config._attn_implementation
+        if self._original is not None and self._original[0] == name:
+            return self._original[1]
         if name in (None, "eager"):
             if self.eager is None:
                 raise RuntimeError(f"cspkv: {type(self.module).__module__} defines no eager_attention_forward")
-            return self.eager
-        if name == ATTENTION_NAME:
+            function = self.eager
+        elif name == ATTENTION_NAME:
             raise RuntimeError("cspkv: the model-level config names the cspkv attention; patch state is corrupt")
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        else:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        return ALL_ATTENTION_FUNCTIONS[name]
+            function = ALL_ATTENTION_FUNCTIONS[name]
+        self._original = (name, function)
+        return function
 
     def attend(self, query, key, value, attention_mask, scaling, dropout, kwargs):
         if scaling is None:
             scaling = getattr(self.module, "scaling", None) or query.shape[-1] ** -0.5
         layer = cache_mod.layer_at(self.cache, self.layer_idx)
-        if isinstance(layer, cache_mod.PrunedLayer) and layer.is_pruned:
+        # type(), not isinstance(): cache layers derive from an ABC, whose isinstance costs a decode step host time.
+        if type(layer) is cache_mod.PrunedLayer and layer.is_pruned:
             self._check_supported(kwargs, dropout)
             return self._attend_pruned(layer, query, key, value, scaling)
         prefill = (
@@ -290,7 +301,7 @@ class _LayerPatch:
             self._check_supported(kwargs, dropout)
         config = self.handle.config
         capture = prefill_lse.Capture() if prefill and config.prefill_lse and config.policy in prefill_lse.POLICIES else None
-        with capture if capture is not None else contextlib.nullcontext():
+        with capture if capture is not None else _NO_CONTEXT:
             output = self.original_attention()(
                 self.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
@@ -301,15 +312,17 @@ class _LayerPatch:
         return output
 
     def _check_supported(self, kwargs, dropout) -> None:
-        where = f"cspkv: layer {self.layer_idx}"
         if kwargs.get("sliding_window") is not None:
-            raise NotImplementedError(f"{where}: sliding-window attention (window {kwargs['sliding_window']}) cannot be pruned; the adapter should skip this layer")
-        if kwargs.get("softcap") is not None:
-            raise NotImplementedError(f"{where}: attention logit soft-capping (softcap={kwargs['softcap']}) is not supported by the CSP ops")
-        if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-            raise NotImplementedError(f"{where}: attention sinks are not supported by the CSP ops")
-        if self.module.training and dropout:
-            raise NotImplementedError(f"{where}: attention dropout in training mode; cspkv prunes at inference (call model.eval())")
+            why = f"sliding-window attention (window {kwargs['sliding_window']}) cannot be pruned; the adapter should skip this layer"
+        elif kwargs.get("softcap") is not None:
+            why = f"attention logit soft-capping (softcap={kwargs['softcap']}) is not supported by the CSP ops"
+        elif kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+            why = "attention sinks are not supported by the CSP ops"
+        elif dropout and self.module.training:
+            why = "attention dropout in training mode; cspkv prunes at inference (call model.eval())"
+        else:
+            return
+        raise NotImplementedError(f"cspkv: layer {self.layer_idx}: {why}")
 
     def _attend_pruned(self, layer, query, key, value, scaling):
         call = self.handle._call
@@ -546,9 +559,13 @@ class PatchHandle:
 
 
 @functools.lru_cache(maxsize=64)
-def _signature(fn) -> inspect.Signature:
-    """inspect.signature, once per function: a model called with positional ids binds them at every decode step."""
-    return inspect.signature(fn)
+def _positional_names(fn) -> Optional[Tuple[str, ...]]:
+    """Names of `fn`'s parameters that a positional argument can fill, after self, once per function
+    (a model called with positional ids binds them at every decode step); None if `fn` takes *args."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _bind(module: nn.Module, args, kwargs) -> dict:
@@ -556,14 +573,16 @@ def _bind(module: nn.Module, args, kwargs) -> dict:
     if not args:
         return kwargs
     try:
-        bound = _signature(type(module).forward).bind_partial(module, *args, **kwargs)
-        named = dict(bound.arguments)
-        named.update(named.pop("kwargs", {}) or {})
-        return named
-    except TypeError:
+        names = _positional_names(type(module).forward)
+    except (TypeError, ValueError):
+        names = None
+    if names is None or len(args) > len(names):
         named = dict(kwargs)
         named.setdefault("input_ids", args[0])
         return named
+    named = dict(zip(names, args))
+    named.update(kwargs)
+    return named
 
 
 _registered = False

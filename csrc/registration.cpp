@@ -1,10 +1,13 @@
 // One extension, cspkv._C: the op schemas (each backend file registers its own
-// implementation with TORCH_LIBRARY_IMPL) and a pybind11 module with build info.
+// implementation with TORCH_LIBRARY_IMPL) and a pybind11 module with build info
+// and the pruned cache's store helpers.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <atomic>
+
+#include "cache_store.h"
 
 #ifndef CSPKV_CUDA_ARCHS
 #define CSPKV_CUDA_ARCHS ""
@@ -54,4 +57,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { ++chunks; });
     return chunks.load();
   }, "Threads the CPU kernels' at::parallel_for runs on (torch.get_num_threads() unless built without OpenMP).");
+  m.def("store_views", &cspkv::store_views, "(keys, values, kv_valid): the first n slots of a pruned layer's store.",
+        pybind11::arg("key_slots"), pybind11::arg("value_slots"), pybind11::arg("valid_slots"), pybind11::arg("n"));
+  m.def("store_append", &cspkv::store_append,
+        "Copy new keys/values [B, Hkv, t, D] into slots [n, n + t) of a pruned layer's store; return store_views(n + t).",
+        pybind11::arg("key_slots"), pybind11::arg("value_slots"), pybind11::arg("valid_slots"), pybind11::arg("n"),
+        pybind11::arg("key_states"), pybind11::arg("value_states"));
 }

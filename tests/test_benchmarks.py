@@ -47,6 +47,19 @@ def test_bench_e2e_quick_measures_full_and_pruned(tmp_path, extension):
     assert "time to first token" in stdout
 
 
+def test_bench_host_quick_times_full_pruned_and_patched_steps(tmp_path, extension):
+    stdout = run_script("bench_host.py", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    (json_file,) = tmp_path.glob("host-cpu-*-quick.json")
+    rows = json.loads(json_file.read_text())["rows"]
+    assert [(r["policy"], r["mask"]) for r in rows] == [(p, m) for m in ("none", "2-D mask")
+                                                         for p in ("full", "csp", "patched, not pruned")]
+    for row in rows:
+        assert row["step_ms"] > 0 and row["seq_length"] > 48  # decoded past the 48-token prompt
+        pruned = row["policy"] == "csp"  # 20% of 48 prompt tokens stored, then the decoded ones
+        assert (row["stored_tokens"] < row["seq_length"] - 30) == pruned, row
+    assert "decode-step host time" in stdout
+
+
 def test_profile_ops_runs_every_op(extension):
     stdout = run_script("profile_ops.py", "--device", "cpu", timeout=300)
     assert stdout.split() == [w for op in ("window_scores", "select_keep", "compact_kv", "nsoftmax_attention")

@@ -112,8 +112,10 @@ def test_chunked_follow_up_matches_manual_decode():
     torch.testing.assert_close(as_chunk, one_by_one, rtol=1e-4, atol=1e-4)
 
 
-def test_padding_inside_a_follow_up_chunk_stays_dead():
-    """A follow-up chunk whose 2-D mask has zeros: those slots are dead in every pruned layer, the rest live."""
+@pytest.mark.parametrize("mask_passed", ["by name", "by position"])
+def test_padding_inside_a_follow_up_chunk_stays_dead(mask_passed):
+    """A follow-up chunk whose 2-D mask has zeros: those slots are dead in every pruned layer, the rest
+    live; the patch finds the mask whether the model is called with it by name or by position."""
     model = tiny_model("llama", layers=2)
     ids = prompt(60, seed=21).repeat(2, 1)
     chunk = prompt(4, seed=22).repeat(2, 1)
@@ -121,11 +123,35 @@ def test_padding_inside_a_follow_up_chunk_stays_dead():
     mask[1, 60:62] = 0  # row 1: the chunk's first two tokens are padding
     with torch.no_grad(), cspkv.patched(model, budget=0.25, min_prompt=8):
         cache = returned_cache(model(ids, attention_mask=mask[:, :60], use_cache=True))
-        model(chunk, attention_mask=mask, **{CACHE_KW: cache}, use_cache=True)
+        if mask_passed == "by name":
+            model(chunk, attention_mask=mask, **{CACHE_KW: cache}, use_cache=True)
+        else:
+            model(chunk, mask, **{CACHE_KW: cache}, use_cache=True)
     for layer in cache.layers:
         assert isinstance(layer, PrunedLayer)
         live = layer.kv_valid[..., -4:]
         assert bool(live[0].all()) and bool(live[1, :, 2:].all()) and not bool(live[1, :, :2].any()), live
+
+
+def test_cache_prefilled_in_inference_mode_continues_outside_it():
+    """A cache pruned and extended under torch.inference_mode(), then decoded under no_grad (generate()'s
+    mode): the store of inference tensors is copied, not written into (torch forbids that there)."""
+    model = tiny_model("llama", layers=2)
+    ids, steps = prompt(40, seed=31), prompt(3, seed=32)
+
+    def decode(modes):
+        cache = None
+        for mode, chunk in zip(modes, (ids, steps[:, :1], steps[:, 1:2], steps[:, 2:])):
+            with mode():
+                out = model(chunk, **{CACHE_KW: cache}, use_cache=True)
+            cache = returned_cache(out)
+        return out.logits, cache
+
+    with cspkv.patched(model, budget=0.25, min_prompt=8):
+        expected, _ = decode([torch.no_grad] * 4)
+        logits, cache = decode([torch.inference_mode, torch.inference_mode, torch.no_grad, torch.inference_mode])
+    assert torch.equal(logits, expected)
+    assert all(isinstance(layer, PrunedLayer) and not layer._store.inference for layer in cache.layers)
 
 
 def test_subset_of_layers():

@@ -146,7 +146,17 @@ def test_pruned_layer_crop_only_removes_appended_tokens():
         layer.crop(-3)
 
 
-def test_pruned_layer_appends_in_place_into_a_reserve():
+@pytest.fixture(params=["extension", "python"])
+def store_calls(request, monkeypatch):
+    """The store's appends through cspkv._C.store_append, or the Python path of a build without the extension."""
+    if request.param == "python":
+        monkeypatch.setattr(ops, "extension", lambda: None)
+    elif ops.extension() is None:
+        pytest.skip("cspkv._C is not built")
+    return request.param
+
+
+def test_pruned_layer_appends_in_place_into_a_reserve(store_calls):
     layer = _layer()  # 5 stored slots, row 1's first one dead
     expected_k, expected_v = layer.keys.clone(), layer.values.clone()
     capacity = 6 + append_reserve(6)
@@ -166,7 +176,14 @@ def test_pruned_layer_appends_in_place_into_a_reserve():
     assert layer.get_seq_length() == 12 + capacity - 4
 
 
-def test_pruned_layer_reserve_survives_crop_and_outside_reassignment():
+def test_pruned_layer_rejects_new_tokens_of_another_shape(store_calls):
+    layer = _layer()
+    layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))  # the store exists from here on
+    with pytest.raises(RuntimeError, match="do not match the stored"):
+        layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))  # one row: copy_ would broadcast it
+
+
+def test_pruned_layer_reserve_survives_crop_and_outside_reassignment(store_calls):
     layer = _layer()
     layer.update(torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4))
     layer.kv_valid[0, :, -1] = False  # a dead slot appended (padding inside a chunk) ...

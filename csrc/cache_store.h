@@ -1,0 +1,21 @@
+// Host-side helpers of the pruned cache's store (see cache_store.cpp); bound
+// in registration.cpp as cspkv._C.store_views / store_append.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace cspkv {
+
+// The first n slots of a store: (keys, values, kv_valid) views.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> store_views(const at::Tensor& key_slots, const at::Tensor& value_slots,
+                                                            const at::Tensor& valid_slots, int64_t n);
+
+// Copies the new tokens [B, Hkv, t, D] into slots [n, n + t) and returns store_views(n + t).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> store_append(const at::Tensor& key_slots, const at::Tensor& value_slots,
+                                                             const at::Tensor& valid_slots, int64_t n,
+                                                             const at::Tensor& key_states,
+                                                             const at::Tensor& value_states);
+
+}  // namespace cspkv
