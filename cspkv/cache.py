@@ -295,6 +295,13 @@ def stored_bytes(layer) -> int:
     return total
 
 
+def returned_cache(output):
+    """The cache of a model or `generate()` output: `.cache` on transformers 5.x (where
+    `.past_key_values` still works, with a deprecation warning), `.past_key_values` on 4.57."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def layer_at(cache, layer_idx: int) -> Optional[object]:
     """`cache.layers[layer_idx]` or None."""
     layers = getattr(cache, "layers", None)

@@ -98,6 +98,8 @@ def kv_nbytes(past_key_values) -> int:
 
 def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None) -> dict:
     """Greedy generation, timed: prefill (first token) and decode per token."""
+    from .cache import returned_cache
+
     mask = torch.ones_like(input_ids)
     kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=model.generation_config.eos_token_id)
 
@@ -115,8 +117,7 @@ def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None) -> d
         "tokens": out.sequences[0, input_ids.shape[1]:],
         "prefill_s": first,
         "decode_ms_per_token": 1000 * (total - first) / max(new - 1, 1),
-        # transformers 5.x names the returned cache `cache` (`past_key_values` still works, with a warning).
-        "kv_bytes": kv_nbytes(out.cache if getattr(out, "cache", None) is not None else out.past_key_values),
+        "kv_bytes": kv_nbytes(returned_cache(out)),
     }
 
 

@@ -362,7 +362,7 @@ class _LayerPatch:
             for t in (query, key, value, None if capture is None else capture.lse):
                 if t is not None:
                     t.record_stream(side)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        with torch.cuda.stream(side) if side is not None else _NO_CONTEXT:
             timer = _Timer(device)
             keys_c, values_c, keep_valid, scoring = self._score_select_compact(query, key, value, scaling, capture, call,
                                                                                k_mod, q_mod, plans, nvtx)

@@ -20,6 +20,8 @@ import torch
 import transformers
 from transformers import LlamaModel
 
+from cspkv.cache import returned_cache  # noqa: F401  (the tests import it from here with the other helpers)
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 PAD = 0
 
@@ -107,12 +109,6 @@ def generate(model, input_ids, attention_mask=None, *, new: int = 12, **kwargs):
             output_logits=True,
             **kwargs,
         )
-
-
-def returned_cache(output):
-    """The cache object of a model / generate output (5.x: .cache, 4.57: .past_key_values)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 def cache_layer_lengths(cache) -> List[int]:

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import cspkv
+from cspkv.cache import returned_cache
 from cspkv.cli import kv_nbytes
 from cspkv.segments import passkey_case
 
@@ -62,7 +63,7 @@ def _answer(tokenizer, model, ids, **kwargs):
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
             return_dict_in_generate=True, **kwargs,
         )
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = returned_cache(out)
     return tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True), out.sequences, cache
 
 
