@@ -284,7 +284,7 @@ def pruned_kv(pre: Prefill, config: CSPConfig):
     out = []
     for (self_scores, cross_scores), k, v in zip(pre.scores[key], pre.keys, pre.values):
         keep_idx, keep_valid = policy.select(self_scores, cross_scores, pre.k_mod, plans)
-        kc, vc = cache_mod.compact(k, v, keep_idx, keep_valid)
+        kc, vc = cache_mod.compact(k, v, keep_idx, keep_valid if policy.has_dead_slots(plans) else None)
         out.append((kc, vc, keep_valid))
     return out
 

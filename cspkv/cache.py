@@ -34,12 +34,17 @@ _CROP_TAKES_REMOVAL = "tokens_to_remove" in inspect.signature(DynamicLayer.crop)
 
 
 class Liveness:
-    """Shared flag: False once the patch that pruned a cache has been removed."""
+    """What a pruned cache learns from the patch that pruned it (one object per patch, shared by
+    its layers): `active`, False once the patch has been removed, and `chunk_live`, set while a
+    forward call is in flight: (t, total, device) -> bool [B, 1, t], which of the call's last t
+    of `total` positions its 2-D attention mask marks real, or None (no such mask). New tokens
+    it marks as padding (a padded follow-up turn) are stored dead."""
 
-    __slots__ = ("active",)
+    __slots__ = ("active", "chunk_live")
 
     def __init__(self) -> None:
         self.active = True
+        self.chunk_live = None
 
 
 def append_reserve(stored: int) -> int:
@@ -86,13 +91,15 @@ class _Store:
             views = tuple(t.narrow(2, 0, n) for t in (self.key_slots, self.value_slots, self.valid_slots))
         self._hand(layer, views)
 
-    def append(self, layer: "PrunedLayer", n: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Write `key_states`/`value_states` [B, Hkv, t, D] into slots n..n+t-1 and hand the first
-        n + t slots to `layer`: one call into the extension per layer and token (the host time of
-        a GPU decode step is what bounds it), five tensor calls from Python without it."""
+    def append(self, layer: "PrunedLayer", n: int, key_states: torch.Tensor, value_states: torch.Tensor,
+               live: Optional[torch.Tensor]) -> None:
+        """Write `key_states`/`value_states` [B, Hkv, t, D] into slots n..n+t-1, and `live` (bool
+        [B, 1, t], or None: all live) into their validity, and hand the first n + t slots to
+        `layer`: one call into the extension per layer and token (the host time of a GPU decode
+        step is what bounds it), five to seven tensor calls from Python without it."""
         ext = ops.extension()
         if ext is not None:
-            self._hand(layer, ext.store_append(self.key_slots, self.value_slots, self.valid_slots, n, key_states, value_states))
+            self._hand(layer, ext.store_append(self.key_slots, self.value_slots, self.valid_slots, n, key_states, value_states, live))
         else:
             t = key_states.shape[2]
             key_dst, value_dst = self.key_slots.narrow(2, n, t), self.value_slots.narrow(2, n, t)
@@ -101,6 +108,8 @@ class _Store:
                                    f"do not match the stored {tuple(key_dst.shape)} and {tuple(value_dst.shape)}")
             key_dst.copy_(key_states)
             value_dst.copy_(value_states)
+            if live is not None:
+                self.valid_slots.narrow(2, n, t).copy_(live)
             self.view(layer, n + t)
 
     def _hand(self, layer: "PrunedLayer", views) -> None:
@@ -168,7 +177,9 @@ class PrunedLayer(DynamicLayer):
         store = self._store
         if store is None or not store.writable_for(self) or n + t > store.key_slots.shape[2]:
             store = self._store = _Store(self.keys, self.values, self.kv_valid, n + t + append_reserve(n + t))
-        store.append(self, n, key_states, value_states)
+        chunk_live = self._liveness.chunk_live
+        live = None if chunk_live is None else chunk_live(t, self.logical_len + t, self.kv_valid.device)
+        store.append(self, n, key_states, value_states, live)
 
     def get_seq_length(self) -> int:
         """The logical length: prompt tokens before pruning plus appended tokens."""
@@ -263,20 +274,21 @@ def check_cache(cache) -> None:
 
 
 def compact(
-    keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor, keep_valid: torch.Tensor
+    keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor, keep_valid: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gather the kept slots [B, Hkv, K, D]; dead slots are zeroed.
+    """Gather the kept slots [B, Hkv, K, D], the dead ones (False in `keep_valid`) zeroed.
 
     Dead slots may hold the K/V of padding positions, which can be NaN after a
     fully-masked padding row; attention gives them probability 0, but 0 * NaN
-    would still poison the output.
+    would still poison the output. `keep_valid` None means the caller knows
+    there are none (`policy.has_dead_slots`): asking the tensor would wait for
+    a GPU, and zeroing unconditionally costs three launches and two passes over
+    the kept cache per layer.
 
-    keep_idx comes from `select_keep`, so its values go unchecked; on a GPU
-    the dead slots are zeroed unconditionally: asking whether there are any
-    would wait for the GPU once per layer.
+    keep_idx comes from `select_keep`, so its values go unchecked.
     """
     keys_c, values_c = ops.compact_kv(keys, values, keep_idx, check_indices=False)
-    if keys.device.type != "cpu" or not bool(keep_valid.all()):
+    if keep_valid is not None:
         dead = ~keep_valid[..., None]
         keys_c.masked_fill_(dead, 0)
         values_c.masked_fill_(dead, 0)

@@ -150,16 +150,20 @@ class _Call:
         return self._ids
 
     def prepared(self, batch: int, length: int, device: torch.device):
-        """(k_mod, q_mod) on `device` and the row plans."""
+        """(k_mod, q_mod) int32 on `device` and the row plans.
+
+        int32 is what the kernels read: given int64, each op of each layer would convert them
+        (a kernel launch apiece on a GPU); here they are built on the host and sent once per call."""
         ids = self.modality_ids(batch, length)
         if self.plans is None:
             self.plans = policy.plan_batch(self.handle.config, ids)
             if ids.shape[0] > 1 and bool(((ids[:, -1] < 0) & (ids >= 0).any(dim=1)).any()):
                 logger.warning("cspkv: a batch row ends with padding; cspkv expects left padding (its window then holds fewer queries)")
         if device not in self._on_device:
-            # From pinned memory a copy to a GPU does not wait for the GPU's queue to drain.
-            k_mod = ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids.to(device)
-            self._on_device[device] = (k_mod, policy.window_query_ids(k_mod, self.plans))
+            k_mod = ids.to(torch.int32)
+            q_mod = policy.window_query_ids(k_mod, self.plans)
+            pinned = device.type == "cuda"  # from pinned memory a copy to a GPU does not wait for the GPU's queue to drain
+            self._on_device[device] = tuple((t.pin_memory() if pinned else t).to(device, non_blocking=pinned) for t in (k_mod, q_mod))
         return self._on_device[device] + (self.plans,)
 
     def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
@@ -325,12 +329,7 @@ class _LayerPatch:
         raise NotImplementedError(f"cspkv: layer {self.layer_idx}: {why}")
 
     def _attend_pruned(self, layer, query, key, value, scaling):
-        call = self.handle._call
-        Q = query.shape[-2]
-        live = None if call is None else call.chunk_live(Q, layer.logical_len, layer.kv_valid.device)
-        if live is not None:  # padding inside a new chunk (a padded follow-up turn) stays dead
-            new_slots = layer.kv_valid.narrow(-1, layer.kv_valid.shape[-1] - Q, Q)
-            new_slots &= live
+        # Padding inside the new chunk (a padded follow-up turn) was stored dead by the append (Liveness.chunk_live).
         out = ops.nsoftmax_attention(query, key, value, scale=scaling, n=self.handle.config.decode_n, kv_valid=layer.kv_valid)
         return out.transpose(1, 2).contiguous(), None
 
@@ -396,7 +395,7 @@ class _LayerPatch:
         with _Range("cspkv::select", nvtx):
             keep_idx, keep_valid = policy.select(self_scores, cross_scores, k_mod, plans)
         with _Range("cspkv::compact", nvtx):
-            keys_c, values_c = cache_mod.compact(key, value, keep_idx, keep_valid)
+            keys_c, values_c = cache_mod.compact(key, value, keep_idx, keep_valid if policy.has_dead_slots(plans) else None)
         return keys_c, values_c, keep_valid, scoring
 
     def snapshot(self) -> dict:
@@ -491,6 +490,7 @@ class PatchHandle:
             if isinstance(prompt, torch.Tensor):
                 check_shape(override, prompt.shape[0], prompt.shape[1])
         self._call = _Call(self, input_ids, attention_mask, override)
+        self.liveness.chunk_live = self._call.chunk_live
         if prefill:  # the first pruned layer will need them
             self._call.start_host_copies()
         return None
@@ -500,7 +500,7 @@ class PatchHandle:
         if self._depth == 0:
             if self._call is not None:
                 self._call.join()
-            self._call = None
+            self._call = self.liveness.chunk_live = None
         return None
 
     # -- public
@@ -516,7 +516,7 @@ class PatchHandle:
         self.liveness.active = False
         if self._call is not None:
             self._call.join()
-        self._call, self._depth = None, 0
+        self._call, self._depth, self.liveness.chunk_live = None, 0, None
         self.removed = True
         if getattr(self.model, "_cspkv_handle", None) is self:
             del self.model._cspkv_handle

@@ -188,6 +188,18 @@ def _pad_row(idx: torch.Tensor, valid: torch.Tensor, K: int, L: int) -> Tuple[to
     return new_idx, valid_at.gather(1, new_idx)
 
 
+def has_dead_slots(plans: Sequence[RowPlan]) -> bool:
+    """Whether `select` marks some slot dead for these plans: a row keeps fewer real tokens than
+    the batch's largest budget (a smaller budget, or fewer real tokens than its budget).
+    Known on the host, so a GPU need not be asked.
+
+    >>> has_dead_slots([RowPlan(100, 20, 10, 10, 0.5, True)] * 2), has_dead_slots([RowPlan(0, 1, 0, 0, 0.0, False)])
+    (False, True)
+    """
+    K = max(p.budget for p in plans)
+    return any(p.budget < K or p.length < p.budget for p in plans)
+
+
 def select(
     self_scores: torch.Tensor, cross_scores: torch.Tensor, k_mod: torch.Tensor, plans: Sequence[RowPlan]
 ) -> Tuple[torch.Tensor, torch.Tensor]:

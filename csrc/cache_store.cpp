@@ -1,7 +1,8 @@
 // The decode step's append to a pruned layer's store (cspkv/cache.py, _Store),
-// in one call from Python: two token copies and three views would otherwise be
-// five Python-level tensor calls per layer per token, about 10 us of host time
-// on the step that a GPU decode waits for.
+// in one call from Python: two token copies, the new slots' liveness when the
+// call has a 2-D attention mask, and three views would otherwise be five to
+// seven Python-level tensor calls per layer per token, 10 us and more of host
+// time on the step that a GPU decode waits for.
 #include "cache_store.h"
 
 #include <ATen/ATen.h>
@@ -34,7 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> store_views(const at::Tensor& key
 std::tuple<at::Tensor, at::Tensor, at::Tensor> store_append(const at::Tensor& key_slots, const at::Tensor& value_slots,
                                                              const at::Tensor& valid_slots, int64_t n,
                                                              const at::Tensor& key_states,
-                                                             const at::Tensor& value_states) {
+                                                             const at::Tensor& value_states,
+                                                             const c10::optional<at::Tensor>& live) {
   TORCH_CHECK(key_states.dim() == 4 && value_states.dim() == 4 && key_states.size(2) == value_states.size(2),
               "cspkv store: expected new keys and values [B, Hkv, t, D] with the same t");
   const int64_t t = key_states.size(2);
@@ -46,6 +48,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> store_append(const at::Tensor& ke
               " do not match the stored ", key_dst.sizes(), " and ", value_dst.sizes());
   key_dst.copy_(key_states);
   value_dst.copy_(value_states);
+  if (live.has_value()) {  // the free slots are live; write the call's mask only where it is given
+    const at::Tensor valid_dst = slot_range(valid_slots, n, t);
+    TORCH_CHECK(live->scalar_type() == at::kBool && live->dim() == 3 && live->size(0) == valid_dst.size(0) &&
+                    (live->size(1) == 1 || live->size(1) == valid_dst.size(1)) && live->size(2) == t,
+                "cspkv store: the new tokens' liveness must be bool [B, 1 or Hkv, t] = [", valid_dst.size(0), ", 1 or ",
+                valid_dst.size(1), ", ", t, "], got ", live->scalar_type(), " ", live->sizes());
+    valid_dst.copy_(*live);
+  }
   return store_views(key_slots, value_slots, valid_slots, n + t);
 }
 

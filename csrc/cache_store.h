@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <tuple>
 
@@ -12,10 +13,13 @@ namespace cspkv {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> store_views(const at::Tensor& key_slots, const at::Tensor& value_slots,
                                                             const at::Tensor& valid_slots, int64_t n);
 
-// Copies the new tokens [B, Hkv, t, D] into slots [n, n + t) and returns store_views(n + t).
+// Copies the new tokens [B, Hkv, t, D] into slots [n, n + t) and, if given, their liveness
+// bool [B, 1 or Hkv, t] into the valid slots (free slots are live already); returns
+// store_views(n + t).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> store_append(const at::Tensor& key_slots, const at::Tensor& value_slots,
                                                              const at::Tensor& valid_slots, int64_t n,
                                                              const at::Tensor& key_states,
-                                                             const at::Tensor& value_states);
+                                                             const at::Tensor& value_states,
+                                                             const c10::optional<at::Tensor>& live);
 
 }  // namespace cspkv

@@ -60,7 +60,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_views", &cspkv::store_views, "(keys, values, kv_valid): the first n slots of a pruned layer's store.",
         pybind11::arg("key_slots"), pybind11::arg("value_slots"), pybind11::arg("valid_slots"), pybind11::arg("n"));
   m.def("store_append", &cspkv::store_append,
-        "Copy new keys/values [B, Hkv, t, D] into slots [n, n + t) of a pruned layer's store; return store_views(n + t).",
+        "Copy new keys/values [B, Hkv, t, D] into slots [n, n + t) of a pruned layer's store, and their liveness "
+        "bool [B, 1 or Hkv, t] if given; return store_views(n + t).",
         pybind11::arg("key_slots"), pybind11::arg("value_slots"), pybind11::arg("valid_slots"), pybind11::arg("n"),
-        pybind11::arg("key_states"), pybind11::arg("value_states"));
+        pybind11::arg("key_states"), pybind11::arg("value_states"), pybind11::arg("live") = pybind11::none());
 }

@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicLayer
 
 import cspkv
@@ -131,6 +132,57 @@ def test_padding_inside_a_follow_up_chunk_stays_dead(mask_passed):
         assert isinstance(layer, PrunedLayer)
         live = layer.kv_valid[..., -4:]
         assert bool(live[0].all()) and bool(live[1, :, 2:].all()) and not bool(live[1, :, :2].any()), live
+
+
+class _TopLevelOps(TorchDispatchMode):
+    """The ops dispatched from Python inside the block (not those inside a cspkv op's kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func.overloadpacket), args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_pruning_a_layer_queues_only_the_csp_ops(padded, monkeypatch):
+    """Each op a layer's pruning runs is a kernel launch on a GPU. An unpadded batch runs the three
+    cspkv ops and the score pooling, nothing else, and hands the ops int32 modality ids (what the
+    kernels read: int64 ids would be converted per op and layer); a padded one, whose rows keep
+    dead slots, zeroes those slots too."""
+    patch_module = importlib.import_module("cspkv.patch")
+    model = tiny_model("llama", layers=2)
+    recorded = []
+    score_select_compact = patch_module._LayerPatch._score_select_compact
+
+    def recording(self, *args):
+        with _TopLevelOps() as mode:
+            result = score_select_compact(self, *args)
+        recorded.append(mode.calls)
+        return result
+
+    monkeypatch.setattr(patch_module._LayerPatch, "_score_select_compact", recording)
+    if padded:
+        ids, mask = left_pad([prompt(60, seed=41), prompt(50, seed=42)])
+    else:
+        ids, mask = prompt(60, seed=41).repeat(2, 1), torch.ones(2, 60, dtype=torch.long)
+    with torch.no_grad(), cspkv.patched(model, budget=0.25, min_prompt=8):
+        model(ids, attention_mask=mask, use_cache=True)
+    views = {"aten.slice", "aten.unsqueeze", "aten.squeeze"}  # no kernel
+    pool = {"aten.max_pool1d", "aten.max_pool2d_with_indices"}  # max_pool1d, or what it becomes outside inference mode
+    assert len(recorded) == 2
+    for calls in recorded:
+        work = ["pool" if name in pool else name for name, _ in calls if name not in views]
+        if padded:  # rows of other lengths: checks of the mask, a selection per row, dead slots zeroed
+            assert work.count("aten.masked_fill_") == 2
+        else:
+            assert work == ["cspkv.window_scores", "pool", "pool", "cspkv.select_keep", "cspkv.compact_kv"]
+        for name, args in calls:
+            if name in ("cspkv.window_scores", "cspkv.select_keep"):
+                ids_args = args[2:4] if name == "cspkv.window_scores" else args[2:3]
+                assert all(t.dtype == torch.int32 for t in ids_args), name
 
 
 def test_cache_prefilled_in_inference_mode_continues_outside_it():

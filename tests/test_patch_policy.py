@@ -79,9 +79,11 @@ def test_score_pooling_spreads_a_peak_to_its_neighbours():
     budget=st.floats(min_value=0.05, max_value=1.0),
     ratio=st.sampled_from([0.0, 0.5, 1.0]),
     seed=st.integers(0, 2**16),
+    min_prompt=st.sampled_from([1, 20]),
 )
-def test_batch_selection_equals_each_row_alone(lengths, budget, ratio, seed):
-    """select() on a left-padded batch keeps, per row, the tokens the row keeps alone."""
+def test_batch_selection_equals_each_row_alone(lengths, budget, ratio, seed, min_prompt):
+    """select() on a left-padded batch keeps, per row, the tokens the row keeps alone; the plans
+    tell on the host whether it marked any slot dead (the compaction then skips zeroing)."""
     g = torch.Generator().manual_seed(seed)
     B, L, Hkv = len(lengths), max(lengths), 2
     k_mod = torch.full((B, L), -1, dtype=torch.long)
@@ -89,9 +91,10 @@ def test_batch_selection_equals_each_row_alone(lengths, budget, ratio, seed):
         k_mod[b, L - n:] = torch.randint(0, 2, (n,), generator=g)
     self_s = torch.rand(B, Hkv, L, generator=g)
     cross_s = torch.rand(B, Hkv, L, generator=g)
-    config = CSPConfig(budget=budget, cross_ratio=ratio, min_prompt=1)
+    config = CSPConfig(budget=budget, cross_ratio=ratio, min_prompt=min_prompt)
     plans = policy.plan_batch(config, k_mod)
     keep_idx, keep_valid = policy.select(self_s, cross_s, k_mod, plans)
+    assert policy.has_dead_slots(plans) == (not bool(keep_valid.all()))
     assert keep_idx.shape == (B, Hkv, max(p.budget for p in plans))
     assert bool((keep_idx[..., 1:] > keep_idx[..., :-1]).all())
     for b, n in enumerate(lengths):
@@ -183,6 +186,28 @@ def test_pruned_layer_rejects_new_tokens_of_another_shape(store_calls):
         layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))  # one row: copy_ would broadcast it
 
 
+def test_pruned_layer_stores_the_calls_padding_dead(store_calls):
+    """New tokens that the forward call's 2-D mask marks as padding (Liveness.chunk_live) are
+    appended as dead slots; without a call, or with no such mask, as live ones."""
+    layer = _layer()  # 5 stored slots, logical length 12
+    asked = []
+
+    def chunk_live(t, total, device):
+        asked.append((t, total))
+        return torch.tensor([[[True, False, True]], [[False, True, True]]])
+
+    layer._liveness.chunk_live = chunk_live
+    layer.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    assert asked == [(3, 15)]
+    assert layer.kv_valid[..., 5:].tolist() == [[[True, False, True]] * 2, [[False, True, True]] * 2]
+    layer._liveness.chunk_live = None
+    layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+    assert bool(layer.kv_valid[..., 8].all()) and layer.kv_valid[..., 5:8].tolist()[1][0] == [False, True, True]
+    layer._liveness.chunk_live = lambda t, total, device: torch.ones(2, 1, t + 1, dtype=torch.bool)
+    with pytest.raises(RuntimeError):  # a liveness of the wrong length is an error, not a broadcast
+        layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+
+
 def test_pruned_layer_reserve_survives_crop_and_outside_reassignment(store_calls):
     layer = _layer()
     layer.update(torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4))
@@ -217,6 +242,8 @@ def test_compact_zeroes_dead_slots():
     valid = torch.tensor([[[False, True]]])
     k, v = compact(keys, keys.clone(), idx, valid)
     assert torch.equal(k[0, 0, 0], torch.zeros(2)) and torch.equal(k[0, 0, 1], keys[0, 0, 2])
+    k, v = compact(keys, keys.clone(), idx, None)  # no dead slots: nothing is zeroed
+    assert bool(k[0, 0, 0].isnan().all()) and torch.equal(k[0, 0, 1], keys[0, 0, 2])
 
 
 def test_check_cache():
