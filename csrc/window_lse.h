@@ -14,11 +14,12 @@ namespace cspkv {
 // lse float32 [B, H, W] (any strides) -> contiguous float32 [B, H, W] holding
 // logaddexp(lse, log n), or lse for n = 0. A row whose lse is -inf sees no key:
 // it gets +inf, so that any probability it could add is exp(-inf) = 0.
+// Two or three elementwise kernels on a GPU, per layer: log n is a CPU scalar
+// tensor (no fill kernel), and `where` writes the result in one go.
 inline at::Tensor window_log_denominator(const at::Tensor& lse, double n) {
-  at::Tensor den = n > 0 ? at::logaddexp(lse, at::full({}, std::log(n), lse.options()))
-                         : lse.clone(at::MemoryFormat::Contiguous);
-  den.masked_fill_(lse == -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity());
-  return den.contiguous();
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const at::Tensor den = n > 0 ? at::logaddexp(lse, at::scalar_tensor(std::log(n), at::kFloat)) : lse;
+  return at::where(lse == -kInf, at::Scalar(kInf), den).contiguous();
 }
 
 }  // namespace cspkv

@@ -228,6 +228,15 @@ def test_window_scores_lse_is_what_normalises(kernels, device):
     want[0, 0] -= sum(per_row(0, w) for w in range(W))
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
+    # With n > 0 too, a row whose lse is -inf adds nothing (log(n + 0) would be finite).
+    silent = lse.clone()
+    silent[0, 0, :] = float("-inf")
+    base = kernels.window_scores(*args, scale=0.25, n=1.0, lse=lse.to(device))[0].cpu()
+    got = kernels.window_scores(*args, scale=0.25, n=1.0, lse=silent.to(device))[0].cpu()
+    want = base.clone()
+    want[0, 0] -= ref.window_scores(q_win[:, :1], keys[:, :1], q_mod, k_mod, scale=0.25, n=1.0)[0][0, 0]  # query head 0's mass
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
 
 @pytest.mark.parametrize(
     "shape",
