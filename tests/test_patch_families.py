@@ -274,3 +274,32 @@ def test_cuda_pruning_adds_no_host_sync_per_layer(padded):
     pruned_prefill, pruned_decode = syncs(0.25)
     assert len(pruned_decode) <= len(full_decode), f"decode: pruned {pruned_decode}, full {full_decode}"
     assert len(pruned_prefill) <= len(full_prefill) + 1, f"prefill: pruned {pruned_prefill}, full {full_prefill}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_pruning_a_layer_launches_at_most_eight_kernels(monkeypatch):
+    """The GPU kernels one layer's pruning launches for an unpadded prompt (torch.profiler): the
+    window scores (pass 2 and the denominator's three elementwise kernels, or passes 1, 1b and
+    2), the two poolings, the selection and the compaction; no id conversions, no zeroing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    patch_module = importlib.import_module("cspkv.patch")
+    score_select_compact = patch_module._LayerPatch._score_select_compact
+    kernels = []
+
+    def profiled(self, *args):
+        if kernels:
+            return score_select_compact(self, *args)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            result = score_select_compact(self, *args)
+            torch.cuda.synchronize()
+        kernels.extend(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                       and not e.name.startswith(("Memcpy", "Memset")))
+        return result
+
+    monkeypatch.setattr(patch_module._LayerPatch, "_score_select_compact", profiled)
+    model = tiny_model("llama", layers=2).to("cuda")
+    with torch.inference_mode(), cspkv.patched(model, budget=0.25, min_prompt=8):
+        model(prompt(300, seed=3).cuda(), use_cache=True)
+    assert 5 <= len(kernels) <= 8, kernels
