@@ -2,7 +2,8 @@
 
 The compiled extension ``cspkv._C`` registers the four ops with the torch op
 registry (CPU kernels always, CUDA kernels when the build had them). It is
-loaded lazily on first use. When it is missing or fails to load, every op runs
+loaded when this module is imported (a first load inside a `torch.compile`d
+function could not be traced). When it is missing or fails to load, every op runs
 its pure-torch version from `cspkv.reference` and cspkv warns once, naming the
 cause; the same happens once for CUDA tensors when the extension was built
 without CUDA kernels. `backend(device)` tells which path a device gets.
@@ -23,7 +24,13 @@ from . import checks, reference
 
 logger = logging.getLogger("cspkv")
 
-_state = {"loaded": False, "ext": None, "error": None, "warned": set()}
+
+def _initial_state() -> dict:
+    """What cspkv.ops knows before the extension is first asked for."""
+    return {"loaded": False, "ext": None, "error": None, "warned": set(), "backends": {}}
+
+
+_state = _initial_state()
 
 
 def extension():
@@ -63,23 +70,31 @@ def cpu_threads() -> int:
 def _warn_once(key: str, message: str) -> None:
     if key not in _state["warned"]:
         _state["warned"].add(key)
-        # 1 here, 2 backend(), 3 the op wrapper, 4 the caller's line.
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        # 1 here, 2 _find_backend(), 3 backend(), 4 the op wrapper, 5 the caller's line.
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def backend(device: torch.device) -> str:
-    """``"kernel"`` if the compiled ops serve tensors on `device`, else ``"reference"``."""
-    if not isinstance(device, torch.device):
-        device = torch.device(device)
+    """``"kernel"`` if the compiled ops serve tensors on `device`, else ``"reference"``.
+
+    Found once per device type (each op call asks, a decode step once per layer)."""
+    kind = (device if isinstance(device, torch.device) else torch.device(device)).type
+    found = _state["backends"].get(kind)
+    if found is None:
+        found = _state["backends"][kind] = _find_backend(kind)
+    return found
+
+
+def _find_backend(kind: str) -> str:
     ext = extension()
     if ext is None:
         _warn_once("missing", f"cspkv: compiled kernels unavailable ({_state['error']}); using the pure-torch reference ops")
         return "reference"
-    if device.type == "cuda" and not _state["with_cuda"]:
+    if kind == "cuda" and not _state["with_cuda"]:
         _warn_once("no-cuda", "cspkv: the extension was built without CUDA kernels; CUDA tensors use the pure-torch reference ops (rebuild with CSPKV_CUDA=1)")
         return "reference"
-    if device.type not in ("cpu", "cuda", "meta"):
-        _warn_once(f"device-{device.type}", f"cspkv: no kernels for device type {device.type!r}; using the pure-torch reference ops")
+    if kind not in ("cpu", "cuda", "meta"):
+        _warn_once(f"device-{kind}", f"cspkv: no kernels for device type {kind!r}; using the pure-torch reference ops")
         return "reference"
     return "kernel"
 
@@ -139,9 +154,15 @@ def nsoftmax_attention(
     n: float = 0.0,
     kv_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention over a pruned cache with an n-softmax; see `cspkv.reference.nsoftmax_attention`."""
+    """Attention over a pruned cache with an n-softmax; see `cspkv.reference.nsoftmax_attention`.
+
+    Outside torch.compile the op is called through the extension's typed binding: the same
+    dispatch (kernels, profiler records, dispatch modes, meta and fake tensors) with less
+    host time than ``torch.ops``' call by schema, once per pruned layer and decode step."""
     if isinstance(q, torch.Tensor) and backend(q.device) == "kernel":
-        return torch.ops.cspkv.nsoftmax_attention.default(q, keys, values, scale=float(scale), n=float(n), kv_valid=kv_valid)
+        if torch.compiler.is_compiling():
+            return torch.ops.cspkv.nsoftmax_attention.default(q, keys, values, scale=float(scale), n=float(n), kv_valid=kv_valid)
+        return _state["ext"].nsoftmax_attention(q, keys, values, float(scale), float(n), kv_valid)
     return reference.nsoftmax_attention(q, keys, values, scale=scale, n=n, kv_valid=kv_valid)
 
 
@@ -176,3 +197,6 @@ def _register_fakes() -> None:
         checks.same_device("nsoftmax_attention", q=q, keys=keys, values=values, kv_valid=kv_valid)
         B, H, Q = q.shape[0], q.shape[1], q.shape[2]
         return q.new_empty((B, H, Q, values.shape[3]))
+
+
+extension()  # now, not at the first op call: torch.compile cannot trace the import

@@ -43,6 +43,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from . import cache as cache_mod
@@ -54,6 +55,7 @@ logger = logging.getLogger("cspkv")
 
 ATTENTION_NAME = "cspkv"
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+_NAME_PROPERTY = inspect.getattr_static(PretrainedConfig, "_attn_implementation")
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: one object for every call that needs no context
 
 
@@ -223,6 +225,10 @@ class _LayerPatch:
         self.module = module
         self.cache = None  # the cache of the call in flight
         self.original_config = module.config
+        # A config class that keeps transformers' `_attn_implementation` property has the name in its
+        # fields: read there, it skips the config's __getattribute__ overrides (several us a layer and token).
+        keeps_property = inspect.getattr_static(type(module.config), "_attn_implementation", None) is _NAME_PROPERTY
+        self.config_fields = vars(module.config) if keeps_property else None
         self.eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         self.had_instance_forward = "forward" in module.__dict__
         self.inner_forward = module.forward
@@ -272,7 +278,8 @@ class _LayerPatch:
     # -- attention
     def original_attention(self):
         """The attention function the model's config names now (it may be changed after patching)."""
-        name = self.original_config._attn_implementation
+        fields = self.config_fields
+        name = self.original_config._attn_implementation if fields is None else fields.get("_attn_implementation_internal")
         if self._original is not None and self._original[0] == name:
             return self._original[1]
         if name in (None, "eager"):

@@ -62,6 +62,51 @@ def test_cpu_tensors_use_the_kernels(extension):
     assert cspkv.ops.backend("cpu") == "kernel"
 
 
+@pytest.mark.parametrize("valid_rank", [None, 2, 3])
+def test_decode_wrapper_runs_the_registered_op(extension, valid_rank):
+    """cspkv.ops.nsoftmax_attention takes the extension's typed binding (less host time per decode
+    step): the same op, arguments in their places, and seen by dispatch modes like torch.ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((func, dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(3)
+    q, keys, values = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g), torch.randn(2, 2, 11, 6, generator=g)
+    kv_valid = None if valid_rank is None else torch.rand((2, 11) if valid_rank == 2 else (2, 2, 11), generator=g) > 0.3
+    want = torch.ops.cspkv.nsoftmax_attention(q, keys, values, scale=0.3, n=2.0, kv_valid=kv_valid)
+    with Seen() as seen:
+        got = cspkv.ops.nsoftmax_attention(q, keys, values, scale=0.3, n=2.0, kv_valid=kv_valid)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, torch.ops.cspkv.nsoftmax_attention(q, keys, values, scale=0.3, n=0.0, kv_valid=kv_valid))
+    [(func, kwargs)] = seen.calls
+    assert func is torch.ops.cspkv.nsoftmax_attention.default
+    assert kwargs.pop("kv_valid", None) is kv_valid and kwargs == {"scale": 0.3, "n": 2.0}
+
+
+def test_ops_compile_in_a_fresh_process(extension):
+    """torch.compile(fullgraph=True) of code calling the ops in an interpreter that has not used them yet:
+    neither the extension's load nor the decode wrapper's typed binding may end up in the traced code."""
+    code = (
+        "import torch, cspkv\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)\n"
+        "valid = torch.rand(1, 2, 9, generator=g) > 0.3\n"
+        "step = lambda q, k, v, valid: 2 * cspkv.ops.nsoftmax_attention(q, k, v, scale=0.3, n=1.0, kv_valid=valid)\n"
+        "got = torch.compile(step, fullgraph=True, backend='aot_eager')(q, k, v, valid)\n"
+        "torch.testing.assert_close(got, 2 * cspkv.reference.nsoftmax_attention(q, k, v, scale=0.3, n=1.0, kv_valid=valid))\n"
+        "print('compiled and equal')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "compiled and equal" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
 def test_info_command_reports_the_build(extension):
     run = subprocess.run([sys.executable, "-m", "cspkv", "info"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -85,7 +130,7 @@ class _BrokenExtension(importlib.abc.MetaPathFinder):
 @pytest.fixture
 def fresh_state(monkeypatch):
     """cspkv.ops as if the extension had never been loaded (restored afterwards)."""
-    monkeypatch.setattr(cspkv.ops, "_state", {"loaded": False, "ext": None, "error": None, "warned": set()})
+    monkeypatch.setattr(cspkv.ops, "_state", cspkv.ops._initial_state())
     return monkeypatch
 
 
