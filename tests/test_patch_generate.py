@@ -323,6 +323,31 @@ def test_unpruned_layers_after_reset_prune_again():
         assert cache_layer_lengths(cache) == [20, 20] and cache.get_seq_length() == 40
 
 
+def test_unpruned_layers_run_the_attention_the_config_names_now():
+    """A patched layer that does not prune runs the attention function the model's config names at
+    the time of the call (changed after patching too), and a config class's own `_attn_implementation`
+    property wins over the field transformers' property returns."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny_model("llama", attn="sdpa")
+    eager = importlib.import_module(type(model.model.layers[0].self_attn).__module__).eager_attention_forward
+    with cspkv.patched(model, min_prompt=1000) as handle:
+        layer = handle.layers[0]
+        assert layer.original_attention() is ALL_ATTENTION_FUNCTIONS["sdpa"]
+        model.config._attn_implementation = "eager"
+        assert layer.original_attention() is eager
+        model.config._attn_implementation = "sdpa"
+        assert layer.original_attention() is ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    class AlwaysEager(type(model.config)):
+        _attn_implementation = property(lambda self: "eager")
+
+    model.config.__class__ = AlwaysEager
+    with cspkv.patched(model, min_prompt=1000) as handle:
+        assert model.config.__dict__["_attn_implementation_internal"] == "sdpa"
+        assert handle.layers[0].original_attention() is eager
+
+
 def test_decode_n_softmax_is_applied_after_pruning():
     model = tiny_model("llama")
     ids = prompt(60, seed=21)
