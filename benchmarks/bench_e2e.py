@@ -222,16 +222,15 @@ def run_gpu(device: torch.device, quick: bool, kv_memory_gib: float):
     weights = torch.cuda.memory_allocated(index)
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, (weights + kv_memory_gib * 2**30) / total), index)
-    for b in (None, 0.2):
-        rows.append(max_batch(model, 4096, b, device))
-        rows[-1]["memory_GiB"] = kv_memory_gib
+    batches = {b: max_batch(model, 4096, b, device) for b in (None, 0.2)}
+    for row in at_max_batch(model, 4096, batches, device):
+        rows.append({**row, "memory_GiB": kv_memory_gib})
     torch.cuda.set_per_process_memory_fraction(1.0, index)
     return rows
 
 
-def max_batch(model, L: int, budget, device: torch.device) -> dict:
-    """Largest batch whose prefill + 4 decode steps fit, by doubling then bisection; then timed at that
-    batch, the median of 3 runs: decode on a GPU is bound by the host's launches, whose speed varies."""
+def max_batch(model, L: int, budget, device: torch.device) -> int:
+    """Largest batch whose prefill + 4 decode steps fit, by doubling then bisection (0: none)."""
     def fits(B):
         try:
             ids = torch.randint(0, 32000, (B, L), device=device)
@@ -249,14 +248,38 @@ def max_batch(model, L: int, budget, device: torch.device) -> dict:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    if lo == 0:
-        return {"budget": budget or 1.0, "policy": "csp" if budget else "full", "batch": 0, "prompt": L,
-                "ttft_ms": "OOM", "max_batch": 0}
-    ids = torch.randint(0, 32000, (lo, L), device=device)
-    row = measure(model, ids, (torch.rand(lo, L, device=device) < 0.5).long(), budget, DECODE_TOKENS, device, runs=3)
-    row["max_batch"] = lo
-    row["tokens_per_s"] = lo * 1e3 / row["decode_ms_per_token"]
-    return row
+    return lo
+
+
+def at_max_batch(model, L: int, batches: dict, device: torch.device, rounds: int = 5) -> list:
+    """The max-batch rows: each budget of `batches` ({budget: its max batch}) timed at its batch in
+    `rounds` rounds that alternate the budgets, after a warm-up run each; medians. A GPU decode at
+    these batches is bound by the host's launches, whose speed drifts between runs (up to 2x), and
+    the target compares two budgets' rates: alternating exposes both to the same drift."""
+    inputs = {b: (torch.randint(0, 32000, (B, L), device=device), (torch.rand(B, L, device=device) < 0.5).long())
+              for b, B in batches.items() if B}
+    runs = {b: [] for b in inputs}
+    for r in range(rounds):
+        for b, (ids, seg) in inputs.items():
+            runs[b].append(measure(model, ids, seg, b, DECODE_TOKENS, device, warmup=r == 0))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    rows = []
+    for b, B in batches.items():
+        if not B:
+            rows.append({"budget": b or 1.0, "policy": "csp" if b else "full", "batch": 0, "prompt": L,
+                         "ttft_ms": "OOM", "max_batch": 0})
+            continue
+        row = dict(runs[b][-1])
+        for key in ("ttft_ms", "decode_ms_per_token", "prune_ms"):
+            if key in row:
+                row[key] = statistics.median(run[key] for run in runs[b])
+        if "peak_MiB" in row:
+            row["peak_MiB"] = max(run["peak_MiB"] for run in runs[b])
+        row["max_batch"] = B
+        row["tokens_per_s"] = B * 1e3 / row["decode_ms_per_token"]
+        rows.append(row)
+    return rows
 
 
 def _progress(items):
@@ -354,7 +377,8 @@ def main() -> int:
             "before it (a process per configuration, fixed mmap threshold)" if device.type == "cpu" else
             "random-init LLaVA-1.5-7B language model shape, bfloat16, sdpa, random tokens with a random 50/50 "
             f"two-modality split; peak_MiB = torch's peak allocation, weights included; max batch at 4k tokens "
-            f"within the weights + {args.kv_memory_gib:g} GiB; batch 1 and the max-batch rows: median of 3 runs")
+            f"within the weights + {args.kv_memory_gib:g} GiB; batch 1: median of 3 runs; max-batch rows: median of 5 "
+            "rounds that alternate full and CSP, after a warm-up run each")
     header = f"# cspkv end to end on {common.device_description(device)}\n\n{what}; decode = greedy, {DECODE_TOKENS_QUICK if args.quick and device.type == 'cpu' else DECODE_TOKENS} tokens."
     checks = targets(rows, device)
     extra = "\n## Targets\n\n" + "\n".join(f"- {'HOLDS' if ok else 'MISSED'}: {text}" for text, ok in checks) + "\n"
