@@ -1,7 +1,9 @@
 """Loads the CMake-built library (not cspkv._C), checks each op against the reference once
 and that its CPU kernels run on torch's threads (built with OpenMP)."""
 import importlib.util
+import pathlib
 import sys
+import types
 
 import torch
 
@@ -9,7 +11,11 @@ spec = importlib.util.spec_from_file_location("_C", sys.argv[1])  # a Python mod
 ext = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ext)  # registers the ops too
 assert ext.parallel_threads() == torch.get_num_threads(), (ext.parallel_threads(), torch.get_num_threads())
-from cspkv import reference  # noqa: E402  (the reference never loads cspkv._C)
+# The reference alone: `import cspkv` would load cspkv._C, a second registration of the ops.
+package = types.ModuleType("cspkv")
+package.__path__ = [str(pathlib.Path(__file__).resolve().parent.parent / "cspkv")]
+sys.modules["cspkv"] = package
+from cspkv import reference  # noqa: E402
 
 torch.manual_seed(0)
 q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)

@@ -1,13 +1,25 @@
 // The decode step's append to a pruned layer's store (cspkv/cache.py, _Store),
-// in one call from Python: two token copies, the new slots' liveness when the
-// call has a 2-D attention mask, and three views would otherwise be five to
-// seven Python-level tensor calls per layer per token, 10 us and more of host
-// time on the step that a GPU decode waits for.
+// in one call from Python: the token copies and, when the call has a 2-D
+// attention mask, the new slots' liveness, then three views. On CPU tensors
+// and on CUDA tensors of a CUDA build the copies are one loop / one kernel
+// launch for keys, values and liveness (store_rows.h); otherwise (new tokens
+// of another dtype or device than the store, CUDA tensors of a CPU-only build)
+// three copy_ calls, which convert. From Python the same work would be five
+// to seven tensor calls per layer, 10 us and more of host time on the step
+// that a GPU decode waits for.
 #include "cache_store.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <cstring>
 #include <vector>
+
+#include "store_rows.h"
+
+#ifdef CSPKV_WITH_CUDA
+#include "cuda/store_append.h"
+#endif
 
 namespace cspkv {
 namespace {
@@ -18,6 +30,68 @@ at::Tensor slot_range(const at::Tensor& slots, int64_t first, int64_t count) {
   std::vector<int64_t> sizes = slots.sizes().vec();
   sizes[2] = count;
   return slots.as_strided(sizes, slots.strides(), slots.storage_offset() + first * slots.stride(2));
+}
+
+// `rows` [B, H, T, D] into slots [n, n + T) of `slots` [B, H, capacity, D] (whose last dim is contiguous).
+StoreRows store_rows(const at::Tensor& slots, int64_t n, const at::Tensor& rows) {
+  StoreRows r;
+  r.element_size = slots.element_size();
+  r.dst = static_cast<char*>(slots.data_ptr()) + n * slots.stride(2) * r.element_size;
+  r.src = static_cast<const char*>(rows.data_ptr());
+  for (int d = 0; d < 3; ++d) r.dst_stride[d] = slots.stride(d);
+  for (int d = 0; d < 4; ++d) r.src_stride[d] = rows.stride(d);
+  r.B = rows.size(0), r.H = rows.size(1), r.T = rows.size(2), r.D = rows.size(3);
+  return r;
+}
+
+// The liveness bool [B, 1 or H, T] into slots [n, n + T) of the valid slots [B, H, capacity], as rows of
+// one element (one head's liveness is read for every head).
+StoreRows liveness_rows(const at::Tensor& valid_slots, int64_t n, const at::Tensor& live) {
+  StoreRows r;
+  r.element_size = 1;
+  r.dst = static_cast<char*>(valid_slots.data_ptr()) + n * valid_slots.stride(2);
+  r.src = static_cast<const char*>(live.data_ptr());
+  for (int d = 0; d < 3; ++d) r.dst_stride[d] = valid_slots.stride(d);
+  r.src_stride[0] = live.stride(0), r.src_stride[1] = live.size(1) == 1 ? 0 : live.stride(1);
+  r.src_stride[2] = live.stride(2), r.src_stride[3] = 1;
+  r.B = valid_slots.size(0), r.H = valid_slots.size(1), r.T = live.size(2), r.D = 1;
+  return r;
+}
+
+void copy_rows_cpu(const StoreRows& r) {
+  const int64_t rows = r.B * r.H * r.T, es = r.element_size;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, r.D * es));  // ~64 KiB a task
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row % r.T, h = (row / r.T) % r.H, b = row / (r.T * r.H);
+      char* dst = r.dst + (b * r.dst_stride[0] + h * r.dst_stride[1] + t * r.dst_stride[2]) * es;
+      const char* src = r.src + (b * r.src_stride[0] + h * r.src_stride[1] + t * r.src_stride[2]) * es;
+      if (r.src_stride[3] == 1 || r.D == 1) {
+        std::memcpy(dst, src, r.D * es);
+      } else {
+        for (int64_t d = 0; d < r.D; ++d) std::memcpy(dst + d * es, src + d * r.src_stride[3] * es, es);
+      }
+    }
+  });
+}
+
+// Whether the copies can skip copy_: the new tokens in the store's dtype, keys and values of one
+// element size (1, 2, 4 or 8 bytes), one device with kernels in this build, a store whose rows are
+// contiguous.
+bool copies_fuse(const at::Tensor& key_slots, const at::Tensor& value_slots, const at::Tensor& valid_slots,
+                 const at::Tensor& key_states, const at::Tensor& value_states, const c10::optional<at::Tensor>& live) {
+  const at::Device device = key_slots.device();
+#ifdef CSPKV_WITH_CUDA
+  const bool kernels = device.is_cpu() || device.is_cuda();
+#else
+  const bool kernels = device.is_cpu();
+#endif
+  const int64_t size = key_slots.element_size();
+  bool same = kernels && key_states.scalar_type() == key_slots.scalar_type() &&
+              value_states.scalar_type() == value_slots.scalar_type() && value_slots.element_size() == size &&
+              (size == 1 || size == 2 || size == 4 || size == 8) && key_slots.stride(3) == 1 && value_slots.stride(3) == 1;
+  for (const at::Tensor* t : {&value_slots, &valid_slots, &key_states, &value_states}) same = same && t->device() == device;
+  return same && (!live.has_value() || live->device() == device);
 }
 
 }  // namespace
@@ -46,15 +120,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> store_append(const at::Tensor& ke
   TORCH_CHECK(key_dst.sizes() == key_states.sizes() && value_dst.sizes() == value_states.sizes(),
               "cspkv store: new keys ", key_states.sizes(), " and values ", value_states.sizes(),
               " do not match the stored ", key_dst.sizes(), " and ", value_dst.sizes());
-  key_dst.copy_(key_states);
-  value_dst.copy_(value_states);
   if (live.has_value()) {  // the free slots are live; write the call's mask only where it is given
-    const at::Tensor valid_dst = slot_range(valid_slots, n, t);
-    TORCH_CHECK(live->scalar_type() == at::kBool && live->dim() == 3 && live->size(0) == valid_dst.size(0) &&
-                    (live->size(1) == 1 || live->size(1) == valid_dst.size(1)) && live->size(2) == t,
-                "cspkv store: the new tokens' liveness must be bool [B, 1 or Hkv, t] = [", valid_dst.size(0), ", 1 or ",
-                valid_dst.size(1), ", ", t, "], got ", live->scalar_type(), " ", live->sizes());
-    valid_dst.copy_(*live);
+    TORCH_CHECK(live->scalar_type() == at::kBool && live->dim() == 3 && live->size(0) == key_states.size(0) &&
+                    (live->size(1) == 1 || live->size(1) == valid_slots.size(1)) && live->size(2) == t &&
+                    valid_slots.dim() == 3 && valid_slots.size(0) == key_slots.size(0) &&
+                    valid_slots.size(1) == key_slots.size(1) && valid_slots.size(2) == key_slots.size(2),
+                "cspkv store: the new tokens' liveness must be bool [B, 1 or Hkv, t] = [", key_states.size(0),
+                ", 1 or ", key_states.size(1), ", ", t, "], got ", live->scalar_type(), " ", live->sizes());
+  }
+  if (!copies_fuse(key_slots, value_slots, valid_slots, key_states, value_states, live)) {
+    key_dst.copy_(key_states);
+    value_dst.copy_(value_states);
+    if (live.has_value()) slot_range(valid_slots, n, t).copy_(*live);
+  } else {
+    const StoreRows keys = store_rows(key_slots, n, key_states), values = store_rows(value_slots, n, value_states);
+    const StoreRows valid = live.has_value() ? liveness_rows(valid_slots, n, *live) : StoreRows{};
+    if (key_slots.is_cpu()) {
+      copy_rows_cpu(keys);
+      copy_rows_cpu(values);
+      if (live.has_value()) copy_rows_cpu(valid);
+    } else {
+#ifdef CSPKV_WITH_CUDA
+      cuda::copy_store_rows(key_slots.device(), keys, values, live.has_value() ? &valid : nullptr);
+#endif
+    }
   }
   return store_views(key_slots, value_slots, valid_slots, n + t);
 }

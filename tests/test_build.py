@@ -91,10 +91,12 @@ def test_decode_wrapper_runs_the_registered_op(extension, valid_rank):
 
 
 def test_ops_compile_in_a_fresh_process(extension):
-    """torch.compile(fullgraph=True) of code calling the ops in an interpreter that has not used them yet:
-    neither the extension's load nor the decode wrapper's typed binding may end up in the traced code."""
+    """`import cspkv` registers torch.ops.cspkv.*, and torch.compile(fullgraph=True) of code calling the ops
+    in an interpreter that has not used them yet works: neither the extension's load nor the decode
+    wrapper's typed binding may end up in the traced code."""
     code = (
         "import torch, cspkv\n"
+        "assert hasattr(torch.ops.cspkv, 'window_scores')  # registered by the import\n"
         "g = torch.Generator().manual_seed(0)\n"
         "q, k, v = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)\n"
         "valid = torch.rand(1, 2, 9, generator=g) > 0.3\n"

@@ -208,6 +208,41 @@ def test_pruned_layer_stores_the_calls_padding_dead(store_calls):
         layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("live_heads", [None, 1, 3])
+def test_store_append_writes_strided_tokens_and_their_liveness(device, dtype, live_heads):
+    """cspkv._C.store_append (one loop / one kernel for keys, values and liveness) against plain
+    indexing: keys given as a transposed view (as attention modules make them), values with a strided
+    last dim and another head dim, a liveness of one head (for all) or of each; every slot outside
+    [n, n + t) keeps what it held, and the returned views are the first n + t slots."""
+    g = torch.Generator().manual_seed(7)
+    B, H, C, D, Dv, n, t = 2, 3, 12, 8, 6, 4, 5
+    key_slots = torch.randn(B, H, C, D, generator=g).to(device, dtype)
+    value_slots = torch.randn(B, H, C, Dv, generator=g).to(device, dtype)
+    valid_slots = (torch.rand(B, H, C, generator=g) > 0.5).to(device)
+    keys = torch.randn(B, t, H, D, generator=g).to(device, dtype).transpose(1, 2)
+    values = torch.randn(B, H, t, 2 * Dv, generator=g).to(device, dtype)[..., ::2]
+    live = None if live_heads is None else (torch.rand(B, live_heads, t, generator=g) > 0.5).to(device)
+    want = [key_slots.clone(), value_slots.clone(), valid_slots.clone()]
+    want[0][:, :, n:n + t], want[1][:, :, n:n + t] = keys, values
+    if live is not None:
+        want[2][:, :, n:n + t] = live.expand(B, H, t)
+    views = ops.extension().store_append(key_slots, value_slots, valid_slots, n, keys, values, live)
+    for got, slots, expected in zip(views, (key_slots, value_slots, valid_slots), want):
+        assert torch.equal(slots, expected)
+        assert got.shape[2] == n + t and got.data_ptr() == slots.data_ptr() and torch.equal(got, expected[:, :, :n + t])
+
+
+def test_store_append_converts_tokens_of_another_dtype(device):
+    """New tokens of another dtype than the store are converted (the copy_ path), not reinterpreted."""
+    key_slots, value_slots = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16, device=device), torch.zeros(1, 2, 4, 8, device=device)
+    valid_slots = torch.ones(1, 2, 4, dtype=torch.bool, device=device)
+    keys = torch.randn(1, 2, 1, 8, device=device)
+    values = torch.randn(1, 2, 1, 8, dtype=torch.float16, device=device)
+    ops.extension().store_append(key_slots, value_slots, valid_slots, 2, keys, values, None)
+    assert torch.equal(key_slots[:, :, 2:3], keys.to(torch.bfloat16)) and torch.equal(value_slots[:, :, 2:3], values.float())
+
+
 def test_pruned_layer_reserve_survives_crop_and_outside_reassignment(store_calls):
     layer = _layer()
     layer.update(torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4))
