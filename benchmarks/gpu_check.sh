@@ -71,7 +71,7 @@ if want build; then
 fi
 $PY -m cspkv info >>"$LOGS/build.log" 2>&1
 
-# 2. CUDA tests and memcheck over the CUDA op tests, side by side (neither is timed).
+# 2. CUDA tests and memcheck over the CUDA op tests and the decode append's, side by side (neither is timed).
 SANITIZER=$(tool compute-sanitizer)
 if want tests; then
   step tests 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests &
@@ -79,6 +79,7 @@ if want tests; then
     # The caching allocator would hide out-of-bounds accesses inside its blocks.
     { [[ " $SANITIZERS " == *" memcheck "* ]] && step memcheck 240 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
         --print-limit 20 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py tests/test_op_properties.py \
+        tests/test_patch_policy.py \
         ${SANITIZE_K:+-k "$SANITIZE_K"}
       [[ " $SANITIZERS " == *" racecheck "* ]] && step racecheck 120 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
         $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py -k "not nan${SANITIZE_K:+ and ($SANITIZE_K)}"; } &
