@@ -123,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> store_append(const at::Tensor& ke
   if (live.has_value()) {  // the free slots are live; write the call's mask only where it is given
     TORCH_CHECK(live->scalar_type() == at::kBool && live->dim() == 3 && live->size(0) == key_states.size(0) &&
                     (live->size(1) == 1 || live->size(1) == valid_slots.size(1)) && live->size(2) == t &&
-                    valid_slots.dim() == 3 && valid_slots.size(0) == key_slots.size(0) &&
+                    valid_slots.scalar_type() == at::kBool && valid_slots.dim() == 3 &&
+                    valid_slots.size(0) == key_slots.size(0) &&
                     valid_slots.size(1) == key_slots.size(1) && valid_slots.size(2) == key_slots.size(2),
                 "cspkv store: the new tokens' liveness must be bool [B, 1 or Hkv, t] = [", key_states.size(0),
                 ", 1 or ", key_states.size(1), ", ", t, "], got ", live->scalar_type(), " ", live->sizes());
