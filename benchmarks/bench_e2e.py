@@ -208,8 +208,7 @@ def run_gpu(device: torch.device, quick: bool, kv_memory_gib: float):
             # Batch 1 carries the time-to-first-token target: the median of 3 runs, as host noise moves it by 10 ms.
             rows.append(measure(model, ids, seg, b, DECODE_TOKENS, device, runs=3 if B == 1 else 1))
         except torch.OutOfMemoryError:
-            rows.append({"budget": b or 1.0, "policy": "csp" if b else "full", "batch": B, "prompt": L,
-                         "ttft_ms": "OOM"})
+            rows.append(_oom_row(b, B, L))
         torch.cuda.empty_cache()
     # What scoring in one pass (the prefill's log-sum-exp) and pruning on a side stream save: CSP 20% at 4k x 1
     # scored in two passes, and pruned on the layers' stream.
@@ -227,6 +226,12 @@ def run_gpu(device: torch.device, quick: bool, kv_memory_gib: float):
         rows.append({**row, "memory_GiB": kv_memory_gib})
     torch.cuda.set_per_process_memory_fraction(1.0, index)
     return rows
+
+
+def _oom_row(budget, batch: int, prompt: int) -> dict:
+    """The row of a configuration that ran out of memory (budget None: the full cache)."""
+    return {"budget": budget or 1.0, "policy": "csp" if budget else "full", "batch": batch, "prompt": prompt,
+            "ttft_ms": "OOM"}
 
 
 def max_batch(model, L: int, budget, device: torch.device) -> int:
@@ -267,8 +272,7 @@ def at_max_batch(model, L: int, batches: dict, device: torch.device, rounds: int
     rows = []
     for b, B in batches.items():
         if not B:
-            rows.append({"budget": b or 1.0, "policy": "csp" if b else "full", "batch": 0, "prompt": L,
-                         "ttft_ms": "OOM", "max_batch": 0})
+            rows.append({**_oom_row(b, 0, L), "max_batch": 0})
             continue
         row = dict(runs[b][-1])
         for key in ("ttft_ms", "decode_ms_per_token", "prune_ms"):
