@@ -260,13 +260,17 @@ def at_max_batch(model, L: int, batches: dict, device: torch.device, rounds: int
     """The max-batch rows: each budget of `batches` ({budget: its max batch}) timed at its batch in
     `rounds` rounds that alternate the budgets, after a warm-up run each; medians. A GPU decode at
     these batches is bound by the host's launches, whose speed drifts between runs (up to 2x), and
-    the target compares two budgets' rates: alternating exposes both to the same drift."""
+    the target compares two budgets' rates: alternating exposes both to the same drift. Each run
+    starts from an emptied allocator cache, as the batch search's did: a run right after another
+    at the same batch can fail on the blocks the first one left split."""
     inputs = {b: (torch.randint(0, 32000, (B, L), device=device), (torch.rand(B, L, device=device) < 0.5).long())
               for b, B in batches.items() if B}
     runs = {b: [] for b in inputs}
-    for r in range(rounds):
+    for r in range(-1, rounds):  # round -1: the warm-up
         for b, (ids, seg) in inputs.items():
-            runs[b].append(measure(model, ids, seg, b, DECODE_TOKENS, device, warmup=r == 0))
+            run = measure(model, ids, seg, b, DECODE_TOKENS, device, warmup=False)
+            if r >= 0:
+                runs[b].append(run)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     rows = []
