@@ -50,7 +50,7 @@ def test_config_defaults_and_overrides():
     config = cspkv.CSPConfig()
     assert (config.budget, config.window, config.recent, config.cross_ratio, config.n, config.decode_n) == (0.2, 0.1, None, 0.9, 1.0, 0.0)
     assert (config.pool, config.pool_width) == (None, 15)
-    assert config.prefill_lse is True and config.overlap_pruning is True
+    assert config.prefill_lse is True and config.overlap_pruning is False
     assert config.replace(layers=[3, 1]).layers == (1, 3)
     with pytest.raises(TypeError, match="no field 'budjet'"):
         config.replace(budjet=0.3)

@@ -396,7 +396,7 @@ def test_overlapped_pruning_orders_the_streams(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: order.append(f"{stream.name} holds {list(t.shape)}"), raising=False)
     model = tiny_model("llama", layers=3)
     ids = prompt(40, seed=23)
-    with torch.no_grad(), cspkv.patched(model, budget=0.5, min_prompt=8) as handle:
+    with torch.no_grad(), cspkv.patched(model, budget=0.5, min_prompt=8, overlap_pruning=True) as handle:
         cache = returned_cache(model(ids, use_cache=True))
         assert len(handle._side_streams) == 1
     assert cache_layer_lengths(cache) == [20, 20, 20]
@@ -405,6 +405,6 @@ def test_overlapped_pruning_orders_the_streams(monkeypatch):
              f"side holds {[1, kv_heads, 40, dim]}", f"side holds {[1, heads, 40]}", "on side"]
     assert order == 3 * layer + ["main waits for side"]
     order.clear()
-    with torch.no_grad(), cspkv.patched(model, budget=0.5, min_prompt=8, overlap_pruning=False) as handle:
+    with torch.no_grad(), cspkv.patched(model, budget=0.5, min_prompt=8) as handle:  # the default: in line
         model(ids, use_cache=True)
         assert not handle._side_streams and not order
