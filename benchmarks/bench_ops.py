@@ -6,7 +6,11 @@ time of the compiled kernel, of `cspkv.reference` on the same inputs, the
 speed-up, and on GPU GB/s as a share of a device-to-device copy measured in
 the same run (plus TFLOP/s against a measured GEMM peak where compute matters).
 `nsoftmax_attention` decode is also timed against
-`torch.nn.functional.scaled_dot_product_attention` on the same pruned cache.
+`torch.nn.functional.scaled_dot_product_attention` on the same pruned cache,
+and `window_scores` against a bare `torch.matmul` of its window queries with
+the keys (`vs_qk_gemm`): the product every scoring of the window must compute,
+so the reference's time over that GEMM's bounds the speed-up any kernel of the
+same precision can reach on the machine.
 "cache append (decode)": one token appended to a pruned layer of 20% of the
 prompt and cropped off again, cspkv's `PrunedLayer` (written in place into its
 store) against transformers' `DynamicLayer` (concatenation) as the reference.
@@ -116,11 +120,14 @@ def run(device: torch.device, lengths, dtype, quick: bool):
             rows.append(row)
 
         ref_bytes = 4 * H * W * L * 4
+        # The window's logits as one GEMM per KV head (query heads of a group stacked): [Hkv, G * W, L].
+        q_groups = q_win.reshape(Hkv, H // Hkv * W, D)
+        qk_gemm = (lambda: torch.matmul(q_groups, keys[0].transpose(1, 2))) if ref_bytes <= REFERENCE_BYTES_CAP else None
         case("window_scores",
              lambda: ops.window_scores(q_win, keys, q_mod, k_mod, scale=scale, n=1.0),
              (lambda: reference.window_scores(q_win, keys, q_mod, k_mod, scale=scale, n=1.0))
              if ref_bytes <= REFERENCE_BYTES_CAP else None,
-             nbytes(q_win, keys) + 2 * 4 * Hkv * L, flops=2.0 * H * W * L * D)
+             nbytes(q_win, keys) + 2 * 4 * Hkv * L, flops=2.0 * H * W * L * D, peer=qk_gemm, peer_name="qk_gemm")
 
         # As a patched layer runs it under SDPA: each row's log-sum-exp taken from the prefill
         # attention (timing does not depend on its values), one pass over the keys.
@@ -129,7 +136,7 @@ def run(device: torch.device, lengths, dtype, quick: bool):
              lambda: ops.window_scores(q_win, keys, q_mod, k_mod, scale=scale, n=1.0, lse=lse),
              (lambda: reference.window_scores(q_win, keys, q_mod, k_mod, scale=scale, n=1.0, lse=lse))
              if ref_bytes <= REFERENCE_BYTES_CAP else None,
-             nbytes(q_win, keys, lse) + 2 * 4 * Hkv * L, flops=2.0 * H * W * L * D)
+             nbytes(q_win, keys, lse) + 2 * 4 * Hkv * L, flops=2.0 * H * W * L * D, peer=qk_gemm, peer_name="qk_gemm")
 
         self_s, cross_s = ops.window_scores(q_win, keys, q_mod, k_mod, scale=scale, n=1.0)
         recent = min(W, K)
@@ -179,9 +186,14 @@ def targets(rows, device: torch.device):
         return [r for r in rows if r["op"] == op and all(r[k] == v for k, v in match.items())]
 
     if device.type == "cpu":
-        ws = [r for r in rows_of("window_scores", L=4096) if r["speedup"] != ""]
+        ws = [r for r in rows_of("window_scores", L=4096) + rows_of("window_scores (lse given)", L=4096)
+              if r["speedup"] != ""]
         if ws:
-            out.append(("CPU window_scores >= 3x the reference at 4k tokens (every shape and window)",
+            # Where it misses: how much faster than the reference the bare QK^T GEMM alone ran (the bound).
+            short = "; ".join(f"{r['op']} {r['model']} W={r['W']}: {r['speedup']:.2f}x (the bare QK^T GEMM "
+                              f"{r['reference_ms'] / r['peer_ms']:.2f}x)" for r in ws if r["speedup"] < 3)
+            out.append(("CPU window_scores >= 3x the reference at 4k tokens (every shape and window, with and "
+                        "without a given log-sum-exp)" + (f"; short: {short}" if short else ""),
                         all(r["speedup"] >= 3 for r in ws)))
         ck = rows_of("compact_kv")
         out.append(("CPU compact_kv at least as fast as the reference", all(r["speedup"] >= 1 for r in ck)))
@@ -237,7 +249,7 @@ def main() -> int:
         header += f"\nDevice-to-device copy: {copy_gbs:.0f} GB/s; {dtype} GEMM peak: {peak:.0f} TFLOP/s."
     checks = targets(rows, device)
     extra = "\n## Targets\n\n" + "\n".join(f"- {'HOLDS' if ok else 'MISSED'}: {text}" for text, ok in checks) + "\n"
-    columns = ["op", "model", "L", "W", "cache_MB", "kernel_ms", "reference_ms", "speedup", "peer_ms", "vs_sdpa", "GB/s",
+    columns = ["op", "model", "L", "W", "cache_MB", "kernel_ms", "reference_ms", "speedup", "peer_ms", "vs_sdpa", "vs_qk_gemm", "GB/s",
                "of_copy_bw", "device_ms", "device_of_copy_bw", "device_of_same_size_copy", "TFLOP/s", "of_roofline"]
     if device.type == "cpu":
         columns = [c for c in columns if c not in ("of_copy_bw", "device_ms", "device_of_copy_bw",

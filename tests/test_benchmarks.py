@@ -31,6 +31,7 @@ def test_bench_ops_quick_writes_its_results(tmp_path, extension):
     assert [r["op"] for r in rows][:5] == ["window_scores", "window_scores (lse given)", "select_keep", "compact_kv",
                                          "nsoftmax_attention (decode)"]
     assert all(r["kernel_ms"] > 0 for r in rows)
+    assert all(r["vs_qk_gemm"] > 0 and r["peer_ms"] > 0 for r in rows[:2])  # the window's bare QK^T GEMM, timed alike
     assert "## Targets" in stdout and "CPU compact_kv" in stdout
 
 
