@@ -10,7 +10,7 @@
 #
 #   OUT=/tmp/gpu DEADLINE=560 bash benchmarks/gpu_check.sh
 #
-# STEPS picks the steps (default "build tests bench_ops bench_host ncu bench_e2e"), so a
+# STEPS picks the steps (default "build tests bench_ops bench_host profile_prefill ncu bench_e2e"), so a
 # lease can be split into calls on the same warm machine (the build stays);
 # SANITIZERS picks the compute-sanitizer tools (default "memcheck racecheck"),
 # SANITIZE_K narrows their runs with a pytest -k expression.
@@ -25,7 +25,7 @@ LOGS=$(mktemp -d)  # everything lands here; $OUT gets one archive (the device to
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-STEPS=${STEPS:-build tests bench_ops bench_host ncu bench_e2e}
+STEPS=${STEPS:-build tests bench_ops bench_host profile_prefill ncu bench_e2e}
 SANITIZERS=${SANITIZERS-memcheck racecheck}
 SANITIZE_K=${SANITIZE_K:-}
 SUMMARY="$LOGS/summary.txt"
@@ -33,7 +33,7 @@ SUMMARY="$LOGS/summary.txt"
 start=$(date +%s)
 
 pack() {
-  cp benchmarks/results/ops-*.* benchmarks/results/e2e-*.* "$LOGS"/ 2>/dev/null
+  cp benchmarks/results/ops-*.* benchmarks/results/e2e-*.* benchmarks/results/host-*.* benchmarks/results/prefill-profile-*.* "$LOGS"/ 2>/dev/null
   local tmp="$OUT/gpu-results.$BASHPID.tmp"  # two steps can run side by side
   tar czf "$tmp" -C "$LOGS" . && mv "$tmp" "$OUT/gpu-results.tar.gz"
   cp "$SUMMARY" "$OUT/summary.txt"
@@ -91,6 +91,8 @@ fi
 want bench_ops && step bench_ops 150 $PY benchmarks/bench_ops.py --device cuda
 # What the patch adds to a decode step's host time (a tiny model: the step is host-bound).
 want bench_host && step bench_host 60 $PY benchmarks/bench_host.py --device cuda
+# Where a pruned prefill's extra time goes: kernels of one prefill, full vs CSP (7B shape, 4k).
+want profile_prefill && step profile_prefill 90 $PY benchmarks/profile_prefill.py --device cuda
 
 # 4. One Nsight Compute report per kernel (each kernel replayed in isolation).
 NCU=$(tool ncu)
@@ -110,4 +112,4 @@ fi
 want bench_e2e && step bench_e2e 300 $PY benchmarks/bench_e2e.py --device cuda
 echo "total $(( $(date +%s) - start )) s" | tee -a "$SUMMARY"
 pack
-for f in tests memcheck racecheck bench_ops bench_host bench_e2e; do echo "== $f"; tail -n 25 "$LOGS/$f.log" 2>/dev/null; done
+for f in tests memcheck racecheck bench_ops bench_host profile_prefill bench_e2e; do echo "== $f"; tail -n 25 "$LOGS/$f.log" 2>/dev/null; done

@@ -67,6 +67,20 @@ def test_profile_ops_runs_every_op(extension):
                               for w in ("profile_ops:", "ran", op)]
 
 
+def test_profile_prefill_shows_what_pruning_adds(tmp_path, extension):
+    stdout = run_script("profile_prefill.py", "--device", "cpu", "--prompt", "512", "--top", "100", "--out", str(tmp_path),
+                        timeout=300)
+    (json_file,) = tmp_path.glob("prefill-profile-cpu-*.json")
+    rows = {r["event"]: r for r in json.loads(json_file.read_text())["rows"]}
+    for op in ("cspkv::window_scores", "cspkv::select_keep", "cspkv::compact_kv"):  # once per layer of the 4
+        assert (rows[op]["full_calls"], rows[op]["csp_calls"]) == (0, 4) and rows[op]["extra_ms"] > 0
+    both = rows["aten::mm"]  # the layers' projections run alike in both
+    assert both["full_calls"] == both["csp_calls"] > 0
+    extra = [r["extra_ms"] for r in rows.values()]
+    assert extra == sorted(extra, key=lambda x: -abs(x))
+    assert "prefill profile" in stdout
+
+
 def test_ncu_summary_reads_a_real_report():
     with open(os.path.join(ROOT, "tests", "data", "ncu_details_h200.txt")) as f:
         kernels = ncu_summary.parse(f.read())
