@@ -119,8 +119,8 @@ class CSPConfig:
         the same either way; False prunes on the layer's own stream. No effect
         on a CPU, or when an attention module is called outside its model.
         Off by default: on an H200 (7B shape, 4k tokens) it did not shorten
-        the time to first token (133 ms against 134 in line); the prefill's
-        kernels leave the side stream few SMs to run on.
+        the time to first token (133 ms against 134 in line), likely as the
+        prefill's own kernels fill the GPU (not measured apart).
 
     Example
     -------
