@@ -12,7 +12,7 @@ that time no event accounts for (a GPU waiting for its host) shows too.
     python benchmarks/profile_prefill.py [--device cuda] [--prompt 4096] [--budget 0.2] [--top 25]
 
 On CUDA the model is bench_e2e's random-init LLaVA-1.5-7B language model
-(bf16); on CPU a 4-layer model of the same kind, small enough to run anywhere.
+(bf16); on CPU bench_host's tiny 32-layer Llama (float32), to run anywhere.
 Writes benchmarks/results/prefill-profile-<device>.md/.json.
 """
 
@@ -31,19 +31,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from bench_e2e import llava_lm  # noqa: E402
+from bench_host import tiny_llama  # noqa: E402
 
 import cspkv  # noqa: E402
-
-
-def small_lm(device: torch.device):
-    """A 4-layer Llama (hidden 256, 8 heads, 4 KV heads), float32: the CPU stand-in."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=32064, max_position_embeddings=32768,
-                         attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device).eval()
 
 
 def prefill(model, ids, seg, budget, device: torch.device, prof=None) -> float:
@@ -95,9 +85,9 @@ def main() -> int:
     if not 0 < args.budget < 1:
         raise SystemExit(f"profile_prefill: --budget must be in (0, 1), got {args.budget}")
     device = torch.device(args.device)
-    model = llava_lm(device) if device.type == "cuda" else small_lm(device)
+    model = llava_lm(device) if device.type == "cuda" else tiny_llama(device)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 32000, (1, args.prompt), generator=gen).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=gen).to(device)
     seg = (torch.rand(1, args.prompt, generator=gen) < 0.5).long().to(device)  # stand-in image/text mix
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
@@ -118,7 +108,7 @@ def main() -> int:
     totals = {p: sum(ms for _, ms in times[p].values()) for p in times}
     calls = {p: sum(c for c, _ in times[p].values()) for p in times}
     model_name = "random-init LLaVA-1.5-7B language model, bf16" if device.type == "cuda" else \
-        "random-init 4-layer Llama (hidden 256), float32"
+        f"random-init {model.config.num_hidden_layers}-layer Llama (hidden {model.config.hidden_size}), float32"
     header = (f"# cspkv prefill profile on {common.device_description(device)}\n\n"
               f"{model_name}, sdpa, {args.prompt} random tokens with a random 50/50 two-modality split; one "
               f"profiled prefill per policy after a warm-up one; CSP at budget {args.budget:g} (defaults otherwise). "
