@@ -46,6 +46,13 @@ BUDGETS = [None, 0.1, 0.2, 0.5]  # None = full cache
 DECODE_TOKENS, DECODE_TOKENS_QUICK = 32, 8
 
 
+def prefill(model, input_ids, segment_ids, cache, *, pruned: bool) -> torch.Tensor:
+    """The prompt's forward pass into `cache`, under `segment_ids` as modalities when `pruned`
+    (the model is patched): the logits of the last position only, [B, vocab]."""
+    with torch.inference_mode(), (cspkv.modalities(model, segment_ids) if pruned else contextlib.nullcontext()):
+        return model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
 def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: torch.device, *,
             warmup: bool = True, runs: int = 1, track_rss: bool = False, variant: str = "", **overrides) -> dict:
     """Prefill + greedy decode with a hand-written loop (so prefill and decode are timed apart).
@@ -75,16 +82,15 @@ def measure(model, input_ids, segment_ids, budget, decode_tokens: int, device: t
             cache = DynamicCache()
             sync()
             start = time.perf_counter()
-            with torch.inference_mode(), (cspkv.modalities(model, segment_ids) if handle else contextlib.nullcontext()):
-                logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-                token = logits.argmax(-1, keepdim=True)
-                sync()
-                prefills.append(time.perf_counter() - start)
-                if handle:  # read after the clock stopped (on GPU it waits for the events)
-                    stats = handle.stats()
-                    prunes.append(stats["prune_ms"])
-                    scoring |= {s["scoring"] for s in stats["layers"].values() if s.get("pruned")}
-                start = time.perf_counter()
+            token = prefill(model, input_ids, segment_ids, cache, pruned=handle is not None).argmax(-1, keepdim=True)
+            sync()
+            prefills.append(time.perf_counter() - start)
+            if handle:  # read after the clock stopped (on GPU it waits for the events)
+                stats = handle.stats()
+                prunes.append(stats["prune_ms"])
+                scoring |= {s["scoring"] for s in stats["layers"].values() if s.get("pruned")}
+            start = time.perf_counter()
+            with torch.inference_mode():
                 for _ in range(decode_tokens):
                     token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
                 sync()

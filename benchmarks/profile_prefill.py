@@ -30,14 +30,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from bench_e2e import llava_lm  # noqa: E402
+from bench_e2e import llava_lm, prefill  # noqa: E402
 from bench_host import tiny_llama  # noqa: E402
 
 import cspkv  # noqa: E402
 
 
-def prefill(model, ids, seg, budget, device: torch.device, prof=None) -> float:
-    """Seconds of one prefill (the whole prompt, logits of its last position), CSP when `budget`."""
+def timed_prefill(model, ids, seg, budget, device: torch.device, prof=None) -> float:
+    """Seconds of one prefill (bench_e2e's), CSP when `budget`, under `prof` if given."""
     from transformers import DynamicCache
 
     handle = cspkv.patch(model, budget=budget) if budget else None
@@ -45,9 +45,8 @@ def prefill(model, ids, seg, budget, device: torch.device, prof=None) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with torch.inference_mode(), (cspkv.modalities(model, seg) if handle else contextlib.nullcontext()), \
-                (prof if prof is not None else contextlib.nullcontext()):
-            model(ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        with prof if prof is not None else contextlib.nullcontext():
+            prefill(model, ids, seg, DynamicCache(), pruned=handle is not None)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         return time.perf_counter() - start
@@ -93,9 +92,9 @@ def main() -> int:
 
     walls, times = {}, {}
     for policy, budget in (("full", None), ("csp", args.budget)):
-        prefill(model, ids, seg, budget, device)  # warm-up (allocator, kernels' first launch, cuDNN plans)
+        timed_prefill(model, ids, seg, budget, device)  # warm-up (allocator, kernels' first launch, cuDNN plans)
         prof = profile(activities=activities)
-        walls[policy] = prefill(model, ids, seg, budget, device, prof)
+        walls[policy] = timed_prefill(model, ids, seg, budget, device, prof)
         times[policy] = event_times(prof, device)
 
     rows = []
