@@ -37,12 +37,12 @@ CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameter
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
-def tiny_config(family: str, *, attn: str = "sdpa", layers: int = 2, **overrides):
-    config_name, _, extra = _CLASSES[family]
+def tiny_text_kwargs(**overrides) -> dict:
+    """Config fields of the tiny text decoder (text families and the VLMs' language models)."""
     kwargs = dict(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=layers,
+        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=512,
@@ -53,8 +53,13 @@ def tiny_config(family: str, *, attn: str = "sdpa", layers: int = 2, **overrides
         eos_token_id=None,
         tie_word_embeddings=False,
     )
-    kwargs.update(extra)
     kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_config(family: str, *, attn: str = "sdpa", layers: int = 2, **overrides):
+    config_name, _, extra = _CLASSES[family]
+    kwargs = tiny_text_kwargs(**{"num_hidden_layers": layers, **extra, **overrides})
     config = getattr(transformers, config_name)(**kwargs)
     config._attn_implementation = attn
     return config

@@ -21,30 +21,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import transformers
 
-from patch_models import PAD
+from patch_models import PAD, tiny_text_kwargs
 
 IMAGE_TOKEN, VIDEO_TOKEN = 500, 501
 START_TOKEN, END_TOKEN, ROW_TOKEN = 502, 503, 504  # vision start/end (Qwen2-VL), boi/eoi (Gemma3), fake token (Idefics3)
 TEXT_HIGH = 400  # text tokens are drawn from [3, TEXT_HIGH)
-
-
-def _text(**overrides) -> dict:
-    kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return kwargs
 
 
 def _vision(**overrides) -> dict:
@@ -58,7 +39,7 @@ def _vision(**overrides) -> dict:
 
 def _llava_config():
     return transformers.LlavaConfig(
-        text_config=transformers.LlamaConfig(**_text()),
+        text_config=transformers.LlamaConfig(**tiny_text_kwargs()),
         vision_config=transformers.CLIPVisionConfig(**_vision(projection_dim=32)),
         image_token_index=IMAGE_TOKEN,
         vision_feature_layer=-1,
@@ -68,7 +49,7 @@ def _llava_config():
 
 def _llava_next_config():
     return transformers.LlavaNextConfig(
-        text_config=transformers.LlamaConfig(**_text()),
+        text_config=transformers.LlamaConfig(**tiny_text_kwargs()),
         vision_config=transformers.CLIPVisionConfig(**_vision(image_size=16, projection_dim=32)),
         image_token_index=IMAGE_TOKEN,
         vision_feature_layer=-1,
@@ -79,7 +60,7 @@ def _llava_next_config():
 
 def _mrope_text(**overrides) -> dict:
     # head_dim 16: the three mrope sections (temporal, height, width) cover its 8 rotary frequencies.
-    return _text(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0, **overrides)
+    return tiny_text_kwargs(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0, **overrides)
 
 
 def _qwen2_vl_config():
@@ -110,7 +91,7 @@ def _qwen2_5_vl_config():
 def _gemma3_text(**overrides):
     # Layer 0 slides, layer 1 is global: cspkv must prune layer 1 only.
     # query_pre_attn_scalar 24 makes the attention scale differ from head_dim ** -0.5.
-    kwargs = _text(
+    kwargs = tiny_text_kwargs(
         head_dim=16, query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"],
         sliding_window=256, hidden_activation="gelu_pytorch_tanh",
     )
@@ -133,7 +114,7 @@ def _gemma3_config():
 def _idefics3_config(config_cls=transformers.Idefics3Config, vision_cls=transformers.Idefics3VisionConfig):
     # 64x64 images of 8x8 patches, pixel-shuffled by 2: 16 tokens per image.
     return config_cls(
-        text_config=transformers.LlamaConfig(**_text()),
+        text_config=transformers.LlamaConfig(**tiny_text_kwargs()),
         vision_config=vision_cls(**_vision(image_size=64)),
         image_token_id=IMAGE_TOKEN,
         scale_factor=2,
