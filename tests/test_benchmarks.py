@@ -69,12 +69,16 @@ def test_profile_ops_runs_every_op(extension):
 
 
 def test_profile_prefill_shows_what_pruning_adds(tmp_path, extension):
-    stdout = run_script("profile_prefill.py", "--device", "cpu", "--prompt", "512", "--top", "100", "--out", str(tmp_path),
-                        timeout=300)
+    stdout = run_script("profile_prefill.py", "--device", "cpu", "--prompt", "512", "--rounds", "1", "--top", "100",
+                        "--out", str(tmp_path), timeout=300)
     (json_file,) = tmp_path.glob("prefill-profile-cpu-*.json")
-    rows = {r["event"]: r for r in json.loads(json_file.read_text())["rows"]}
-    for op in ("cspkv::window_scores", "cspkv::select_keep", "cspkv::compact_kv"):  # once per layer
-        assert (rows[op]["full_calls"], rows[op]["csp_calls"]) == (0, LAYERS) and rows[op]["extra_ms"] > 0
+    result = json.loads(json_file.read_text())
+    assert list(result["ttft_ms"]) == ["full", "patched", "capture", "csp"]
+    assert all(ms > 0 for ms in result["ttft_ms"].values())
+    rows = {r["event"]: r for r in result["rows"]}
+    for op in ("cspkv::window_scores", "cspkv::select_keep", "cspkv::compact_kv"):  # once per pruned layer, only in csp
+        calls = [rows[op][f"{name}_calls"] for name in ("full", "patched", "capture", "csp")]
+        assert calls == [0, 0, 0, LAYERS] and rows[op]["extra_ms"] > 0
     both = rows["aten::mm"]  # the layers' projections run alike in both
     assert both["full_calls"] == both["csp_calls"] > 0
     extra = [r["extra_ms"] for r in rows.values()]
