@@ -52,9 +52,13 @@ import cspkv  # noqa: E402
 
 
 def variants(prompt: int, budget: float) -> dict:
-    """{name: cspkv.patch keyword arguments, None for the unpatched model} (see the module docstring)."""
+    """{name: (what it is, cspkv.patch keyword arguments or None for the unpatched model)}
+    (see the module docstring)."""
     idle = {"budget": budget, "min_prompt": prompt + 1}
-    return {"full": None, "patched": {**idle, "prefill_lse": False}, "capture": idle, "csp": {"budget": budget}}
+    return {"full": ("unpatched", None),
+            "patched": ("nothing pruned, no log-sum-exp captured", {**idle, "prefill_lse": False}),
+            "capture": ("nothing pruned, log-sum-exp captured", idle),
+            "csp": (f"budget {budget:g}, defaults otherwise", {"budget": budget})}
 
 
 def timed_prefill(model, ids, seg, patch_kwargs, device: torch.device, prof=None) -> float:
@@ -116,15 +120,17 @@ def main() -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     kinds = variants(args.prompt, args.budget)
 
-    for kwargs in kinds.values():  # warm-up (allocator, kernels' first launch, cuDNN plans)
+    for _, kwargs in kinds.values():  # warm-up (allocator, kernels' first launch, cuDNN plans)
         timed_prefill(model, ids, seg, kwargs, device)
+    # Wall time of whole prefills, alternated on every device (common.median_times alternates only on
+    # CPU, and on CUDA times device spans one fn after another).
     samples = {name: [] for name in kinds}
     for _ in range(args.rounds):
-        for name, kwargs in kinds.items():
+        for name, (_, kwargs) in kinds.items():
             samples[name].append(timed_prefill(model, ids, seg, kwargs, device))
     medians = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
     walls, times = {}, {}
-    for name, kwargs in kinds.items():
+    for name, (_, kwargs) in kinds.items():
         prof = profile(activities=activities)
         walls[name] = timed_prefill(model, ids, seg, kwargs, device, prof)
         times[name] = event_times(prof, device)
@@ -149,8 +155,7 @@ def main() -> int:
                          for name in kinds)
     header = (f"# cspkv prefill profile on {common.device_description(device)}\n\n"
               f"{model_name}, sdpa, {args.prompt} random tokens with a random 50/50 two-modality split. Variants: "
-              f"full (unpatched), patched (nothing pruned, no log-sum-exp captured), capture (nothing pruned, "
-              f"log-sum-exp captured), csp (budget {args.budget:g}, defaults otherwise).\n\n"
+              f"{', '.join(f'{name} ({what})' for name, (what, _) in kinds.items())}.\n\n"
               f"Time to first token, median of {args.rounds} alternated rounds: {ttft}.\n\n"
               f"One profiled prefill each (events: {what}, summed per name; the table keeps the {args.top} names "
               f"whose time differs most between csp and full):\n{profiled}")
