@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.abc
 import inspect
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import types
@@ -40,6 +42,36 @@ def test_cpu_kernels_use_torchs_threads(extension):
             assert cspkv.ops.cpu_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+# The CPU kernels' per-logit exp loops (cpu::exp_nonpositive, with selects by modality or
+# mask), by the function holding them: each runs once per logit, so a scalar one costs 3-4x.
+EXP_LOOPS = {"accumulate_window_rows": 2, "attend_block": 1}
+
+
+def _clone_disassembly(library: str, function: str, clone: str) -> str:
+    """objdump's disassembly of `function`'s target_clones `clone` in `library`."""
+    symbols = subprocess.run(["nm", "-S", "--defined-only", library], capture_output=True, text=True, check=True).stdout
+    found = [line.split() for line in symbols.splitlines() if function in line and line.endswith("." + clone)]
+    assert len(found) == 1, f"{function} [clone .{clone}] in {library}: {found}"
+    start, size = int(found[0][0], 16), int(found[0][1], 16)
+    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={start}", f"--stop-address={start + size}", library],
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="checks the x86-64 clones (target_clones) of the CPU kernels")
+@pytest.mark.parametrize("function", EXP_LOOPS)
+def test_exp_loops_are_vectorised_in_each_simd_clone(function, extension):
+    """The AVX2 and AVX-512 clones compute exp_nonpositive 8 or 16 lanes at a time: its 2^k
+    (k << 23) appears as a packed shift once per exp loop. GCC left the AVX2 loops scalar
+    ("control flow in loop") until the build passed -fno-trapping-math (setup.py,
+    CMakeLists.txt), which only AVX-512 hosts, with masked stores, did not need."""
+    assert shutil.which("nm") and shutil.which("objdump"), "binutils (nm, objdump) come with the compiler the build needs"
+    library = cspkv._C.__file__
+    for clone, register in (("arch_x86_64_v3", "%ymm"), ("arch_x86_64_v4", "%zmm")):
+        code = _clone_disassembly(library, function, clone)
+        packed_pow2 = sum(1 for line in code.splitlines() if "vpslld $0x17," + register in line)
+        assert packed_pow2 >= EXP_LOOPS[function], f"{function} [clone .{clone}]: {packed_pow2} vectorised exp loops, want {EXP_LOOPS[function]}"
 
 
 @pytest.mark.parametrize("name", OPS)
