@@ -34,7 +34,9 @@ def device_description(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {torch.get_num_threads()} torch threads"
+    # The widest vector ISA torch's CPU kernels use (AVX2, AVX512, ...): cspkv's kernels pick
+    # their AVX2 or AVX-512 clone on the same hosts, and their speed depends on which.
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} torch threads"
 
 
 @contextmanager
