@@ -131,9 +131,10 @@ def extensions():
     # -fno-trapping-math, as torch itself builds: GCC sinks a product used by one arm of a
     # select into that arm and then, lest a floating-point trap fire where the scalar code
     # would not, leaves the whole loop scalar ("control flow in loop"). Without AVX-512 (whose
-    # masked stores need no such care) the CPU kernels' exp and accumulate loops ran 3-4x
-    # slower. Nothing here enables FP traps. Sums now add in vector lanes, so results may
-    # differ from a scalar build's in the last bit.
+    # masked stores need no such care) the CPU kernels' exp and accumulate loops ran scalar:
+    # window_scores 1.3-3.6x slower (benchmarks/results/ab-avx2-vectorisation-cpu-2core.md).
+    # Nothing here enables FP traps. Sums now add in vector lanes, so results may differ
+    # from a scalar build's in the last bit.
     cxx += ["-std=c++20", "-fopenmp-simd", "-fno-trapping-math", *openmp_flags(), f'-DCSPKV_TORCH_VERSION="{torch.__version__}"']
     if not with_cuda:
         return [CppExtension("cspkv._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx})]
