@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import cspkv  # noqa: E402
-from cspkv.cli import kv_nbytes, load_causal_lm, smollm2_gguf  # noqa: E402
+from cspkv.hf.smollm2 import kv_nbytes, load_causal_lm, smollm2_gguf  # noqa: E402
 
 BUDGETS = [None, 0.1, 0.2, 0.5]  # None = full cache
 DECODE_TOKENS, DECODE_TOKENS_QUICK = 32, 8
@@ -153,7 +153,7 @@ def cpu_memory(prompt_tokens: int, budget, decode_tokens: int) -> dict:
 
 
 def _smollm2_case(prompt_tokens: int):
-    from cspkv.segments import passkey_case
+    from cspkv.demo import passkey_case
 
     torch.manual_seed(0)
     tokenizer, model = load_causal_lm(smollm2_gguf(), attn_implementation="sdpa")
@@ -171,7 +171,7 @@ def run_cpu(quick: bool):
     rows = []
     for L in _progress(lengths):
         for row in _cpu_subprocess(["time", L, budgets, decode_tokens]):
-            peak = _cpu_subprocess(["memory", L, row["budget"] if row["policy"] == "csp" else None, decode_tokens])
+            peak = _cpu_subprocess(["memory", L, row["budget"] if row["policy"] != "full" else None, decode_tokens])
             rows.append({**row, "peak_MiB": peak["peak_MiB"]})
     return rows
 
@@ -352,7 +352,7 @@ def plot(rows, path: str, device_label: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for (prompt, batch) in sorted({(r["prompt"], r["batch"]) for r in rows if "max_batch" not in r}):
         sel = sorted((r for r in rows if r["prompt"] == prompt and r["batch"] == batch and "max_batch" not in r
-                      and r.get("ttft_ms") != "OOM" and r["policy"] in ("full", "csp")), key=lambda r: r["budget"])
+                      and r.get("ttft_ms") != "OOM" and r["policy"] in ("full", cspkv.CSP.name)), key=lambda r: r["budget"])
         x = [r["budget"] for r in sel]
         label = f"L={prompt}, B={batch}"
         axes[0].plot(x, [r["ttft_ms"] for r in sel], "o-", label=label)

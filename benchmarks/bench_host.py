@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import cspkv  # noqa: E402
-from cspkv.cache import PrunedLayer, returned_cache  # noqa: E402
+from cspkv.hf.cache import PrunedLayer, returned_cache  # noqa: E402
 
 LAYERS, PROMPT = 32, 48
 ROWS = [("full", False), ("csp", False), ("patched, not pruned", False),
@@ -60,7 +60,7 @@ def decode_step(model, policy: str, masked: bool, device: torch.device):
         out = model(ids, use_cache=True)
     cache = returned_cache(out)
     pruned = isinstance(cache.layers[0], PrunedLayer)
-    if pruned != (policy == "csp"):
+    if pruned != (policy == cspkv.CSP.name):
         raise RuntimeError(f"bench_host: the {policy!r} row's prefill {'pruned' if pruned else 'did not prune'} its cache")
     state = {"token": out.logits[:, -1:].argmax(-1)}
 

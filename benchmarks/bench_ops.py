@@ -36,7 +36,7 @@ import common  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 from cspkv import ops, reference  # noqa: E402
-from cspkv.cache import Liveness, PrunedLayer  # noqa: E402
+from cspkv.hf.cache import Liveness, PrunedLayer  # noqa: E402
 
 SHAPES = {  # name: (H, Hkv, D)
     "SmolLM2-135M": (9, 3, 64),

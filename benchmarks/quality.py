@@ -21,15 +21,13 @@ How a case runs. Pruning happens after each layer's prefill attention, so the
 prefill's hidden states, keys and queries do not depend on the policy: the
 benchmark prefills each prompt once (its first L-1 tokens), captures every
 layer's post-RoPE queries, and then builds each configuration's pruned cache
-with the library's own steps (`policy.plan_batch`, `policy.scores`,
-`policy.select`, `cache.compact`, `cache.PrunedLayer`: what the patched
-attention does at prefill). The last prompt token is held back: it is fed
-over the pruned cache by the patched model (so the first answer token is not
-free), followed by the greedy answer (A) or the teacher-forced continuation
-(B); configurations of equal decode_n and budgets within a factor 2 run as
-one batch (dead slots fill the smaller rows). A check at start-up prunes one
-prompt through `cspkv.patched` for every line and requires the same kept keys
-and next-token logits, and budget 1.0 to give the full cache's logits.
+with the library's own pipeline, in its two halves (`cspkv.pruning.score_layer`
+once per scoring setting, `select_and_compact` per budget: what the patched
+attention's `prune_layer` does at prefill). The last prompt token is held back:
+it is fed over the pruned cache by the patched model (so the first answer token
+is not free), followed by the greedy answer (A) or the teacher-forced
+continuation (B); configurations of equal decode_n and budgets within a factor 2
+run as one batch (dead slots fill the smaller rows).
 
     python benchmarks/quality.py            # default sweep (<= 40 min on 2 cores)
     python benchmarks/quality.py --quick    # a small subset (< 3 min), exercised by the tests
@@ -40,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -57,14 +56,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cspkv  # noqa: E402
-from cspkv import cache as cache_mod  # noqa: E402
-from cspkv import models, ops, policy  # noqa: E402
-from cspkv.config import CSPConfig  # noqa: E402
-from cspkv.segments import chat_prompt, english_passages  # noqa: E402
+from cspkv import CSP, CSPConfig, ScoreInputs, ops  # noqa: E402
+from cspkv.hf import models  # noqa: E402
+from cspkv.hf.cache import PrunedLayer  # noqa: E402
+from cspkv.pruning import PrunedKV, plan_batch, score_layer, select_and_compact, window_query_ids  # noqa: E402
+from cspkv.demo import english_passages  # noqa: E402
+from cspkv.hf.prompts import chat_prompt  # noqa: E402
 from common import RESULTS, device_description, write_results  # noqa: E402
 
 BASELINES = ("snapkv", "h2o", "streaming", "random")
-POLICIES = ("csp",) + BASELINES
 # The lines of the main table and the plot: name -> CSPConfig fields besides window and budget.
 LINES = {"csp": {}, "csp pool=1": {"pool": 1}, **{name: {"policy": name} for name in BASELINES}}
 CSP_LINES = ("csp", "csp pool=1")  # the lines whose targets are checked
@@ -174,12 +174,17 @@ def continuation_case(tokenizer, passages, *, seed: int, prompt_tokens: int) -> 
 
 # ----------------------------------------------------------------------------- configurations
 def label(config: Optional[CSPConfig]) -> str:
+    """A configuration's name in the tables: CSP with its settings, a baseline with the fields
+    it changes from its defaults."""
     if config is None:
         return "full"
-    if config.policy != "csp":
-        text = f"{config.policy} b={config.budget}"
-        return text + (f" pool={config.pool}" if config.pool is not None else "")
-    return f"csp b={config.budget} n={config.n:g} dn={config.decode_n:g} cr={config.cross_ratio} pool={config.pool_width}"
+    policy = config.policy
+    if isinstance(policy, CSP):
+        return (f"{policy.name} b={config.budget} n={policy.n:g} dn={config.decode_n:g} cr={policy.cross_ratio} "
+                f"pool={policy.pool}")
+    changed = [f" {f.name}={getattr(policy, f.name)}" for f in dataclasses.fields(policy)
+               if getattr(policy, f.name) != f.default]
+    return f"{policy.name} b={config.budget}" + "".join(changed)
 
 
 def line_config(line: str, budget: float) -> CSPConfig:
@@ -198,7 +203,7 @@ def sweep(budgets: Sequence[float], grid_budgets: Sequence[float], grid: dict) -
                     for ratio in grid["cross_ratio"]:
                         configs.append(base.replace(budget=budget, n=float(n), decode_n=float(decode_n),
                                                     cross_ratio=ratio, pool=pool))
-    # One configuration per label: pool=None and pool=15 are the same CSP run.
+    # One configuration per label: the grid repeats the default line's settings.
     return list({label(config): config for config in configs}.values())
 
 
@@ -266,42 +271,38 @@ def prefill(model, case: Case) -> Prefill:
 
 
 def _score_key(config: CSPConfig) -> tuple:
-    if config.policy == "csp":
-        return ("csp", config.n, config.window, config.pool_width)
-    return (config.policy, config.window, config.pool_width, config.sinks, config.seed)
+    """What a layer's scores depend on: the window and the policy (CSP's cross ratio only splits the budget)."""
+    policy = config.policy
+    return (config.window, policy.replace(cross_ratio=0.0) if isinstance(policy, CSP) else policy)
 
 
-def pruned_kv(pre: Prefill, config: CSPConfig):
-    """Per layer (keys, values, kv_valid) of `config`: the steps of the patched attention at prefill."""
-    plans = policy.plan_batch(config, pre.k_mod)
-    q_mod = policy.window_query_ids(pre.k_mod, plans)
+def pruned_kv(pre: Prefill, config: CSPConfig) -> List[PrunedKV]:
+    """Per layer, the cache `config` keeps: the library's pipeline, its scores shared across budgets."""
+    plans = plan_batch(config, pre.k_mod)
+    q_mod = window_query_ids(pre.k_mod, plans)
     key = _score_key(config)
     if key not in pre.scores:  # scores do not depend on budget, cross ratio or decode_n
         pre.scores[key] = [
-            policy.scores(config, q, k, q_mod, pre.k_mod, scale=s, layer=i)
+            score_layer(config, ScoreInputs(q, k, q_mod, pre.k_mod, s, i))
             for i, (q, k, s) in enumerate(zip(pre.queries, pre.keys, pre.scaling))
         ]
-    out = []
-    for (self_scores, cross_scores), k, v in zip(pre.scores[key], pre.keys, pre.values):
-        keep_idx, keep_valid = policy.select(self_scores, cross_scores, pre.k_mod, plans)
-        kc, vc = cache_mod.compact(k, v, keep_idx, keep_valid if policy.has_dead_slots(plans) else None)
-        out.append((kc, vc, keep_valid))
-    return out
+    return [select_and_compact(scores, k, v, pre.k_mod, plans) for scores, k, v in zip(pre.scores[key], pre.keys, pre.values)]
 
 
-def pruned_cache(model, rows: List[list], logical_len: int, liveness):
+def pruned_cache(model, rows: List[List[PrunedKV]], logical_len: int, liveness):
     """A DynamicCache of PrunedLayers, one batch row per configuration in `rows`.
 
     Rows of smaller budgets are filled up to the largest with dead slots
-    (kv_valid False), as `policy.select` does for the rows of a padded batch.
+    (kv_valid False), as selection does for the rows of a padded batch.
     """
     cache = _dynamic_cache(model)
     for i in range(len(rows[0])):
-        K = max(r[i][0].shape[-2] for r in rows)
-        keys = torch.cat([F.pad(r[i][0], (0, 0, 0, K - r[i][0].shape[-2])) for r in rows])
-        values = torch.cat([F.pad(r[i][1], (0, 0, 0, K - r[i][1].shape[-2])) for r in rows])
-        valid = torch.cat([F.pad(r[i][2], (0, K - r[i][2].shape[-1]), value=False) for r in rows])
-        cache.layers[i] = cache_mod.PrunedLayer(keys, values, valid, logical_len, liveness)
+        kept = [r[i] for r in rows]
+        K = max(k.keys.shape[-2] for k in kept)
+        keys = torch.cat([F.pad(k.keys, (0, 0, 0, K - k.keys.shape[-2])) for k in kept])
+        values = torch.cat([F.pad(k.values, (0, 0, 0, K - k.values.shape[-2])) for k in kept])
+        valid = torch.cat([F.pad(k.keep_valid, (0, K - k.keep_valid.shape[-1]), value=False) for k in kept])
+        cache.layers[i] = PrunedLayer(keys, values, valid, logical_len, liveness)
     return cache
 
 
@@ -384,42 +385,6 @@ def run_case(model, tokenizer, case: Case, configs: List[CSPConfig]) -> Dict[str
         for config, result in zip(group, outcome):
             results[label(config)] = result
     return results
-
-
-def equivalence_check(model, case: Case, budget: float) -> List[str]:
-    """Prune `case` through cspkv.patched for every line; the benchmark's cache must match it."""
-    problems = []
-    pre = prefill(model, case)
-    ids, seg = case.input_ids[:, :-1], case.segment_ids[:, :-1]
-    last = case.input_ids[:, -1:]
-    for name in LINES:
-        config = line_config(name, budget)
-        mine = pruned_kv(pre, config)
-        with cspkv.patched(model, config) as handle, torch.inference_mode():
-            cache = _dynamic_cache(model)
-            with cspkv.modalities(model, seg):
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            for i, (kc, vc, valid) in enumerate(mine):
-                layer = cache.layers[i]
-                if not (isinstance(layer, cache_mod.PrunedLayer) and torch.equal(layer.keys, kc)
-                        and torch.equal(layer.values, vc) and torch.equal(layer.kv_valid, valid)):
-                    problems.append(f"{name}: layer {i} kept other tokens than the library")
-                    break
-            theirs = model(input_ids=last, past_key_values=cache, use_cache=True).logits[:, -1]
-            ours = model(input_ids=last, past_key_values=pruned_cache(model, [mine], ids.shape[1], handle.liveness),
-                         use_cache=True).logits[:, -1]
-            if not torch.allclose(theirs, ours, rtol=1e-4, atol=1e-4):
-                problems.append(f"{name}: next-token logits differ by {float((theirs - ours).abs().max()):.2e}")
-    # Budget 1.0 through the benchmark's path must be the full cache (nothing lost on the way).
-    everything = pruned_kv(pre, CSPConfig(window=WINDOW, budget=1.0))
-    with cspkv.patched(model, CSPConfig()) as handle, torch.inference_mode():
-        kept = model(input_ids=last, past_key_values=pruned_cache(model, [everything], ids.shape[1], handle.liveness),
-                     use_cache=True).logits[:, -1]
-    with torch.inference_mode():
-        full = model(input_ids=last, past_key_values=_dynamic_cache(model, pre.keys, pre.values), use_cache=True).logits[:, -1]
-    if not torch.allclose(kept, full, rtol=1e-4, atol=1e-4):
-        problems.append(f"budget 1.0: next-token logits differ from the full cache by {float((kept - full).abs().max()):.2e}")
-    return problems
 
 
 # ----------------------------------------------------------------------------- aggregation and report
@@ -567,7 +532,7 @@ def main(argv=None) -> int:
     if backend != "kernel":
         print(f"note: cspkv ops run the pure-torch reference ({ops.extension_error()}); slower", flush=True)
 
-    from cspkv.cli import load_causal_lm, smollm2_gguf
+    from cspkv.hf.smollm2 import load_causal_lm, smollm2_gguf
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -593,14 +558,6 @@ def main(argv=None) -> int:
           f"{len(configs['A'])} / {len(configs['B'])} pruned configurations + full cache; ops: {backend}; {torch.get_num_threads()} threads",
           flush=True)
 
-    check_started = time.perf_counter()
-    problems = equivalence_check(model, min(cases, key=lambda c: c.input_ids.shape[1]), 0.2)
-    if problems:
-        print("equivalence check: FAILED\n  " + "\n  ".join(problems))
-        return 1
-    print(f"equivalence check: ok (every line: benchmark cache == cspkv.patched cache; budget 1.0 == full cache; "
-          f"{time.perf_counter() - check_started:.0f} s)", flush=True)
-
     per_case = []
     sweep_started = time.perf_counter()
     for case in tqdm(cases, desc="cases", unit="case", file=sys.stdout, mininterval=5):
@@ -624,7 +581,7 @@ def main(argv=None) -> int:
             row.update({key: round(value, 4) for key, value in summary[label(line_config(line, b))].items()})
             line_rows.append(row)
     full_row = {"line": "full", **rows[0]}
-    grid_rows = [r for r in rows if r["policy"] == "csp"]
+    grid_rows = [r for r in rows if r["policy"] == CSP.name]
 
     def table(selected, columns, metrics=("acc", "kl", "top1")):
         lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
@@ -646,7 +603,7 @@ def main(argv=None) -> int:
     # Best CSP setting per (grid budget, metric, pool), and overall per pool: mean rank over the
     # (budget, metric) columns of the grid (0 = best; ties share the better rank).
     best_lines = []
-    current = (default.n, default.decode_n, default.cross_ratio)
+    current = (default.policy.n, default.decode_n, default.policy.cross_ratio)
     for pool in grid["pool"]:
         ranking: Dict[tuple, List[int]] = {}
         for b in grid_budgets:
@@ -693,8 +650,8 @@ def main(argv=None) -> int:
               f"exact match), {n_b} task-B passages ({min(lengths_b)}-{max(lengths_b)} tokens + {CONTINUATION} "
               f"teacher-forced; KL(full || pruned), top-1 agreement). The last prompt token is held back and "
               f"computed over the pruned cache. window = recent = {WINDOW} of the prompt for every policy. "
-              f"Line `csp` = the library defaults (n={default.n:g}, decode_n={default.decode_n:g}, "
-              f"cross_ratio={default.cross_ratio}, pool={default.pool_width}); `csp pool=1` = the same without "
+              f"Line `csp` = the library defaults (n={default.policy.n:g}, decode_n={default.decode_n:g}, "
+              f"cross_ratio={default.policy.cross_ratio}, pool={default.policy.pool}); `csp pool=1` = the same without "
               f"score pooling. "
               f"CSP's n x decode_n x cross_ratio x pool grid runs at budgets {', '.join(map(str, grid_a))} "
               f"on task A and {', '.join(map(str, grid_b))} on task B only. {'QUICK SUBSET. ' if quick else ''}"

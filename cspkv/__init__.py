@@ -5,21 +5,30 @@
         out = model.generate(**inputs)
     handle.stats(); cspkv.unpatch(model)
 
-The ops live in `cspkv.ops` (compiled kernels, pure-torch fallback in
-`cspkv.reference`) and work without transformers; the patching API needs it.
+Three wings, imports one way: `cspkv.hf` (the transformers integration: patch
+API, per-layer attention, pruned cache, model adapters) -> `cspkv.pruning`
+(the algorithm: config, budget plans, policies, selection, compaction) ->
+`cspkv.ops` (the kernels, their pure-torch reference `cspkv.reference`). The
+ops and the pruning work without transformers; the patching API needs it.
 """
 
 from . import ops, reference
-from .config import CSPConfig
+from .pruning.config import CSPConfig
+from .pruning.policies import CSP, H2O, Policy, Random, ScoreInputs, Scores, SnapKV, StreamingLLM
+from .pruning.policies import register_policy, registered_policies
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__", "CSPConfig", "patch", "unpatch", "patched", "modalities", "stats"]
+__all__ = [
+    "ops", "reference", "__version__", "CSPConfig",
+    "Policy", "ScoreInputs", "Scores", "CSP", "SnapKV", "H2O", "StreamingLLM", "Random",
+    "register_policy", "registered_policies",
+    "patch", "unpatch", "patched", "modalities", "stats",
+]
 
-# Imported eagerly: the submodule cspkv.patch would otherwise shadow the function cspkv.patch.
 try:
-    from .patch import modalities, patch, patched, stats, unpatch
-except ImportError as _exc:  # transformers missing: the ops still work
+    from .hf.api import modalities, patch, patched, stats, unpatch
+except ImportError as _exc:  # transformers missing: the ops and the pruning still work
     if not (_exc.name or "").startswith("transformers"):
         raise
     _reason = f"{_exc}"

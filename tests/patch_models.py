@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import LlamaModel
 
-from cspkv.cache import returned_cache  # noqa: F401  (the tests import it from here with the other helpers)
+from cspkv.hf.cache import returned_cache  # noqa: F401  (the tests import it from here with the other helpers)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 PAD = 0

@@ -30,10 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .policy import RowPlan
-
-#: Policies whose scores come from `ops.window_scores` over the window rows.
-POLICIES = ("csp", "snapkv")
+from ..pruning.budget import RowPlan
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}

@@ -13,7 +13,7 @@ Layouts: `model.language_model.layers` (4.52+ and 5.x, *ForConditionalGeneration
 """
 
 from . import Adapter, register
-from ..modality import IMAGE
+from ...pruning.modality import IMAGE
 
 
 @register

@@ -18,7 +18,7 @@ model). The vision tower (`visual.blocks`) is never patched.
 """
 
 from . import Adapter, register
-from ..modality import IMAGE, VIDEO
+from ...pruning.modality import IMAGE, VIDEO
 
 
 @register

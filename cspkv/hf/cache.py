@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from . import ops
+from .. import ops
 
 # transformers 5.x: crop(tokens_to_remove <= 0); 4.57: crop(max_length), an absolute length or a negative count.
 _CROP_TAKES_REMOVAL = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
@@ -271,28 +271,6 @@ def check_cache(cache) -> None:
                 f"cspkv: unsupported cache layer {type(layer).__name__} at index {idx}; cspkv handles "
                 "DynamicLayer and DynamicSlidingWindowLayer (DynamicCache without quantization)"
             )
-
-
-def compact(
-    keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor, keep_valid: Optional[torch.Tensor]
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gather the kept slots [B, Hkv, K, D], the dead ones (False in `keep_valid`) zeroed.
-
-    Dead slots may hold the K/V of padding positions, which can be NaN after a
-    fully-masked padding row; attention gives them probability 0, but 0 * NaN
-    would still poison the output. `keep_valid` None means the caller knows
-    there are none (`policy.has_dead_slots`): asking the tensor would wait for
-    a GPU, and zeroing unconditionally costs three launches and two passes over
-    the kept cache per layer.
-
-    keep_idx comes from `select_keep`, so its values go unchecked.
-    """
-    keys_c, values_c = ops.compact_kv(keys, values, keep_idx, check_indices=False)
-    if keep_valid is not None:
-        dead = ~keep_valid[..., None]
-        keys_c.masked_fill_(dead, 0)
-        values_c.masked_fill_(dead, 0)
-    return keys_c, values_c
 
 
 def stored_bytes(layer) -> int:

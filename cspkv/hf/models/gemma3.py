@@ -26,7 +26,7 @@ Layouts: `model.language_model.layers` (4.52+ and 5.x), `language_model.layers`
 """
 
 from . import Adapter, register, text_config
-from ..modality import IMAGE
+from ...pruning.modality import IMAGE
 
 
 @register

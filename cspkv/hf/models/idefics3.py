@@ -10,7 +10,7 @@ encoder is never patched.
 """
 
 from . import Adapter, register
-from ..modality import IMAGE
+from ...pruning.modality import IMAGE
 
 
 @register

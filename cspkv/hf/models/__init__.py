@@ -4,7 +4,7 @@ layers CSP must leave alone, and how prompt tokens map to modalities.
 Adding a family is one small module in this package::
 
     from . import Adapter, register
-    from ..modality import IMAGE
+    from ...pruning.modality import IMAGE
 
     @register
     class Llava(Adapter):
@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..modality import token_modality_ids
+from ...pruning.modality import token_modality_ids
 
 logger = logging.getLogger("cspkv")
 

@@ -1,0 +1,270 @@
+"""One patched attention module: the cspkv attention function and what it does per layer.
+
+cspkv registers its own attention function under the name ``"cspkv"`` and
+gives each patched attention module a shallow copy of its config naming it
+(the model-level config keeps eager/sdpa/flash, so masks are built as before).
+The module's forward is wrapped on the instance only to capture the cache of
+the call. In the cspkv attention function, for a patched layer:
+
+* prefill (the layer's cache was empty): run the original attention function
+  for the output (inside `prefill_lse.Capture`, which also keeps the
+  log-sum-exp of an SDPA flash call), then `cspkv.pruning.prune_layer` (score,
+  select, compact) and replace the cache layer by a `cache.PrunedLayer`
+  reporting the logical length;
+* decode / later chunks on a pruned layer: `ops.nsoftmax_attention` over the
+  stored slots with `kv_valid` (the model's mask is sized in logical positions
+  and is ignored there);
+* anything else (no cache, a continued unpruned cache): the original function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import sys
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from .. import ops
+from ..ops.profiling import Timer
+from ..pruning import prune_layer
+from . import cache as cache_mod
+from . import prefill_lse
+from .call import CallContext
+from .stats import LayerStats
+
+if TYPE_CHECKING:
+    from .api import PatchHandle
+
+logger = logging.getLogger("cspkv")
+
+ATTENTION_NAME = "cspkv"
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+_NAME_PROPERTY = inspect.getattr_static(PretrainedConfig, "_attn_implementation")
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: one object for every call that needs no context
+
+
+def _positional_index(fn, names) -> Optional[int]:
+    """Index (after self) of the first parameter of `fn` named in `names`, for positional calls."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params[1:]):
+        if p.name in names and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return i
+    return None
+
+
+class LayerPatch:
+    """The patch of one attention module and the pruning statistics of its layer."""
+
+    def __init__(self, handle: "PatchHandle", layer_idx: int, module: nn.Module) -> None:
+        self.handle = handle
+        self.layer_idx = layer_idx
+        self.module = module
+        self.cache = None  # the cache of the call in flight
+        self.original_config = module.config
+        # A config class that keeps transformers' `_attn_implementation` property has the name in its
+        # fields: read there, it skips the config's __getattribute__ overrides (several us a layer and token).
+        keeps_property = inspect.getattr_static(type(module.config), "_attn_implementation", None) is _NAME_PROPERTY
+        self.config_fields = vars(module.config) if keeps_property else None
+        self.eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        self.had_instance_forward = "forward" in module.__dict__
+        self.inner_forward = module.forward
+        self.cache_position = _positional_index(type(module).forward, CACHE_NAMES)
+        self.stats = LayerStats(layer_idx)
+        self._original: Optional[tuple] = None  # (attention implementation name, its function)
+
+    # -- install / remove
+    def install(self) -> None:
+        module = self.module
+        patched_config = copy.copy(self.original_config)
+        # Set the backing field directly: the public setter would recurse into (shared) sub-configs.
+        patched_config.__dict__["_attn_implementation_internal"] = ATTENTION_NAME
+        inner, cache_position = self.inner_forward, self.cache_position
+
+        def forward(*args, **kwargs):
+            cache = None
+            for name in CACHE_NAMES:
+                if kwargs.get(name) is not None:
+                    cache = kwargs[name]
+                    break
+            else:
+                if cache_position is not None and len(args) > cache_position:
+                    cache = args[cache_position]
+            if cache is not None and not isinstance(cache, DynamicCache):
+                cache_mod.check_cache(cache)
+            self.cache = cache
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.cache = None
+
+        module.config = patched_config
+        module.forward = forward
+        module._cspkv_layer = self
+
+    def remove(self) -> None:
+        module = self.module
+        module.config = self.original_config
+        if self.had_instance_forward:
+            module.forward = self.inner_forward
+        else:
+            module.__dict__.pop("forward", None)
+        module.__dict__.pop("_cspkv_layer", None)
+
+    # -- attention
+    def original_attention(self):
+        """The attention function the model's config names now (it may be changed after patching)."""
+        fields = self.config_fields
+        name = self.original_config._attn_implementation if fields is None else fields.get("_attn_implementation_internal")
+        if self._original is not None and self._original[0] == name:
+            return self._original[1]
+        if name in (None, "eager"):
+            if self.eager is None:
+                raise RuntimeError(f"cspkv: {type(self.module).__module__} defines no eager_attention_forward")
+            function = self.eager
+        elif name == ATTENTION_NAME:
+            raise RuntimeError("cspkv: the model-level config names the cspkv attention; patch state is corrupt")
+        else:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            function = ALL_ATTENTION_FUNCTIONS[name]
+        self._original = (name, function)
+        return function
+
+    def attend(self, query, key, value, attention_mask, scaling, dropout, kwargs):
+        if scaling is None:
+            scaling = getattr(self.module, "scaling", None) or query.shape[-1] ** -0.5
+        layer = cache_mod.layer_at(self.cache, self.layer_idx)
+        # type(), not isinstance(): cache layers derive from an ABC, whose isinstance costs a decode step host time.
+        if type(layer) is cache_mod.PrunedLayer and layer.is_pruned:
+            self._check_supported(kwargs, dropout)
+            return self._attend_pruned(layer, query, key, value, scaling)
+        prefill = (
+            layer is not None
+            and type(layer) in (DynamicLayer, cache_mod.PrunedLayer)
+            and key.shape[-2] == query.shape[-2]
+        )
+        if prefill:
+            self._check_supported(kwargs, dropout)
+        config = self.handle.config
+        capture = prefill_lse.Capture() if prefill and config.prefill_lse and config.policy.uses_prefill_lse else None
+        with capture if capture is not None else _NO_CONTEXT:
+            output = self.original_attention()(
+                self.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        if prefill:
+            self._prune(layer, query, key, value, scaling, capture)
+        elif layer is not None and key.shape[-2] == query.shape[-2]:
+            self._skip(f"its cache layer is a {type(layer).__name__}", key.shape[-2])
+        return output
+
+    def _check_supported(self, kwargs, dropout) -> None:
+        if kwargs.get("sliding_window") is not None:
+            why = f"sliding-window attention (window {kwargs['sliding_window']}) cannot be pruned; the adapter should skip this layer"
+        elif kwargs.get("softcap") is not None:
+            why = f"attention logit soft-capping (softcap={kwargs['softcap']}) is not supported by the CSP ops"
+        elif kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+            why = "attention sinks are not supported by the CSP ops"
+        elif dropout and self.module.training:
+            why = "attention dropout in training mode; cspkv prunes at inference (call model.eval())"
+        else:
+            return
+        raise NotImplementedError(f"cspkv: layer {self.layer_idx}: {why}")
+
+    def _attend_pruned(self, layer, query, key, value, scaling):
+        # Padding inside the new chunk (a padded follow-up turn) was stored dead by the append (Liveness.chunk_live).
+        out = ops.nsoftmax_attention(query, key, value, scale=scaling, n=self.handle.config.decode_n, kv_valid=layer.kv_valid)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _skip(self, reason: str, length: int) -> None:
+        self.stats = LayerStats(self.layer_idx, reason=reason, prompt_len=length)
+        logger.debug("cspkv: layer %d not pruned: %s", self.layer_idx, reason)
+
+    def _prune(self, layer, query, key, value, scaling, capture: Optional[prefill_lse.Capture]) -> None:
+        handle, config = self.handle, self.handle.config
+        call = handle._call
+        if call is None:  # the attention module was called outside the model's forward
+            call = CallContext(handle, None, None, handle._modality_override)
+        B, L = key.shape[0], key.shape[-2]
+        device = key.device
+        k_mod, q_mod, plans = call.prepared(B, L, device)
+        if not any(p.pruned for p in plans):
+            reason = f"prompt of {max(p.length for p in plans)} tokens is shorter than min_prompt={config.min_prompt}"
+            if not call.logged_short:
+                call.logged_short = True
+                logger.debug("cspkv: not pruning: %s", reason)
+            self.stats = LayerStats(self.layer_idx, reason=reason, prompt_len=L)
+            return
+
+        nvtx = handle.nvtx and device.type == "cuda"
+        side = None
+        if config.overlap_pruning and _has_streams(device) and call is handle._call:
+            side = call.side_stream(device)
+            # Tensors of the layer's stream read on the side one: their memory is not reused before that work ran.
+            for t in (query, key, value, None if capture is None else capture.lse):
+                if t is not None:
+                    t.record_stream(side)
+        scoring, lse = None, None
+        with torch.cuda.stream(side) if side is not None else _NO_CONTEXT:
+            timer = Timer(device)
+            if config.policy.uses_prefill_lse:
+                lse, why = prefill_lse.window_lse(capture, scale=scaling, query=query, k_mod=k_mod, q_mod=q_mod,
+                                                  plans=plans, checked_masks=call.checked_masks)
+                scoring = "one pass (log-sum-exp of the prefill attention)" if lse is not None else f"two passes: {why}"
+            kept = prune_layer(config, query, key, value, k_mod, q_mod, plans, scale=scaling, layer=self.layer_idx,
+                               lse=lse, nvtx=nvtx)
+            timing = timer.stop()
+        self.cache.layers[self.layer_idx] = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L, handle.liveness)
+        self.stats = LayerStats(
+            self.layer_idx,
+            pruned=True,
+            reason=None,
+            prompt_len=L,
+            kept=kept.keys.shape[-2],
+            kept_per_row=[p.budget for p in plans],
+            kv_bytes_before=_nbytes(key) + _nbytes(value),
+            kv_bytes_after=_nbytes(kept.keys) + _nbytes(kept.values),
+            device=str(device),
+            scoring=scoring,
+            timing=timing,
+        )
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _has_streams(device: torch.device) -> bool:
+    """Whether pruning on `device` can run on a side stream (CSPConfig.overlap_pruning)."""
+    return device.type == "cuda"
+
+
+def _cspkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function registered as "cspkv"; only patched modules name it."""
+    patch = module.__dict__.get("_cspkv_layer")
+    if patch is None:
+        raise RuntimeError("cspkv: the cspkv attention function was called by a module that is not patched")
+    return patch.attend(query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Register the "cspkv" attention function with transformers (once)."""
+    global _registered
+    if not _registered:
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, _cspkv_attention)
+        _registered = True

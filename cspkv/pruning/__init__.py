@@ -1,0 +1,9 @@
+"""The pruning algorithm, free of transformers: `CSPConfig`, per-row budget plans, the
+policies, selection and compaction, joined in one `prune_layer`."""
+
+from .budget import RowPlan, plan_batch, window_query_ids
+from .config import CSPConfig
+from .pipeline import PrunedKV, prune_layer, score_layer, select_and_compact
+
+__all__ = ["CSPConfig", "RowPlan", "plan_batch", "window_query_ids", "PrunedKV", "prune_layer", "score_layer",
+           "select_and_compact"]

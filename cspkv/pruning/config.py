@@ -1,0 +1,177 @@
+"""`CSPConfig`: what a patched model keeps, validated once when it is built.
+
+Sizes (`budget`, `window`, `recent`) are given either as a fraction of each
+prompt's real length (a float) or as a token count (an int);
+`cspkv.pruning.budget` turns them into per-row counts. Which tokens win is the
+policy's choice (`cspkv.pruning.policies`), with its own fields. Every bad
+value raises a ValueError (or a TypeError for a wrong type) that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+from .policies import Policy, resolve_policy
+
+Size = Union[float, int]
+
+
+def _fail(field: str, message: str, kind: type = ValueError) -> None:
+    raise kind(f"CSPConfig.{field} {message}")
+
+
+def _check_size(field: str, value, *, allow_zero: bool) -> None:
+    """A fraction (float in (0, 1], or [0, 1] with allow_zero) or a count (int >= 1, or >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, f"must be a float fraction or an int token count, got {value!r}", TypeError)
+    if isinstance(value, float):
+        low_ok = value >= 0.0 if allow_zero else value > 0.0
+        if not (math.isfinite(value) and low_ok and value <= 1.0):
+            interval = "[0, 1]" if allow_zero else "(0, 1]"
+            _fail(field, f"as a float is a fraction of the prompt and must lie in {interval}, got {value!r} "
+                  "(give an int for a token count)")
+    elif value < (0 if allow_zero else 1):
+        _fail(field, f"as an int is a token count and must be >= {0 if allow_zero else 1}, got {value!r}")
+
+
+def _check_non_negative(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, f"must be a number >= 0, got {value!r}", TypeError)
+    if not (math.isfinite(value) and value >= 0):
+        _fail(field, f"must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CSPConfig:
+    """Settings of a patched model (see docs/method.md for the method).
+
+    Parameters
+    ----------
+    budget : float in (0, 1] or int >= 1, default 0.2
+        Tokens kept per row and KV head, recent ones included: a fraction of the
+        row's real prompt length (rounded to the nearest count, at least 1) or a
+        count. ``1.0`` keeps everything (and must reproduce the unpatched model);
+        the int ``1`` keeps one token.
+    window : float in (0, 1] or int >= 1, default 0.1
+        Observation window: the last `window` prompt positions score the keys.
+    recent : float in [0, 1], int >= 0 or None, default None (= `window`)
+        The last `recent` prompt tokens are always kept (capped at the budget).
+    decode_n : float >= 0, default 0.0
+        n-softmax constant of the attention over a pruned cache (0 = softmax);
+        1 did not help on the quality benchmark.
+    min_prompt : int >= 1, default 32
+        Rows with fewer real prompt tokens are not pruned (logged at debug level).
+    layers : sequence of int or None, default None (= every prunable layer)
+        Decoder layer indices to prune.
+    policy : str or cspkv.Policy, default "csp"
+        Which tokens to keep: a registered name (``"csp"``, ``"snapkv"``,
+        ``"h2o"``, ``"streaming"``, ``"random"``, see `registered_policies`) or a
+        policy instance such as ``cspkv.CSP(cross_ratio=0.5)``; stored as an
+        instance. Every policy runs on the same budget plans, selection, cache
+        and kernels.
+    prefill_lse : bool, default True
+        For policies that score with window attention (`Policy.uses_prefill_lse`):
+        score the window in one pass, normalising each window row by the
+        log-sum-exp that the layer's prefill attention computed, when that
+        attention is torch's scaled_dot_product_attention on a flash backend
+        (or cuDNN, without a mask) with the causal + padding mask the scores
+        assume (see `cspkv.hf.prefill_lse`); otherwise, or with False, the
+        scoring kernels compute it in a first pass over the keys. The scores
+        agree up to float rounding; `PatchHandle.stats()` names per layer which
+        way ran.
+    overlap_pruning : bool, default False
+        CUDA: score, select and compact a layer's cache on a side stream (one
+        per device), so that it overlaps the prefill of the layers after it;
+        the model's forward call returns with its stream waiting for that
+        work, so whatever runs next on it sees the pruned cache. The result is
+        the same either way; False prunes on the layer's own stream. No effect
+        on a CPU, or when an attention module is called outside its model.
+        Off by default: it did not shorten the time to first token on the GPU
+        run of benchmarks/results/gpu-check-h200.md.
+    **policy_fields
+        Shorthand for the policy's own fields: ``CSPConfig(cross_ratio=0.5)`` is
+        ``CSPConfig(policy=CSP(cross_ratio=0.5))``.
+
+    Example
+    -------
+    >>> CSPConfig(budget=0.3, cross_ratio="auto").policy
+    CSP(cross_ratio='auto', n=1.0, pool=15)
+    """
+
+    budget: Size = 0.2
+    window: Size = 0.1
+    recent: Optional[Size] = None
+    decode_n: float = 0.0
+    min_prompt: int = 32
+    layers: Optional[Tuple[int, ...]] = None
+    policy: Union[str, Policy] = "csp"
+    prefill_lse: bool = True
+    overlap_pruning: bool = False
+
+    def __post_init__(self) -> None:
+        _check_size("budget", self.budget, allow_zero=False)
+        _check_size("window", self.window, allow_zero=False)
+        if self.recent is not None:
+            _check_size("recent", self.recent, allow_zero=True)
+        _check_non_negative("decode_n", self.decode_n)
+        if isinstance(self.min_prompt, bool) or not isinstance(self.min_prompt, int):
+            _fail("min_prompt", f"must be an int >= 1, got {self.min_prompt!r}", TypeError)
+        if self.min_prompt < 1:
+            _fail("min_prompt", f"must be an int >= 1, got {self.min_prompt!r}")
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+                _fail("layers", f"must be a sequence of layer indices or None, got {layers!r}", TypeError)
+            layers = tuple(layers)
+            for idx in layers:
+                if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                    _fail("layers", f"must hold ints >= 0, got {idx!r} in {layers!r}")
+            if len(set(layers)) != len(layers):
+                _fail("layers", f"must not repeat a layer, got {layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+        object.__setattr__(self, "policy", resolve_policy(self.policy))
+        for field in ("prefill_lse", "overlap_pruning"):
+            if not isinstance(getattr(self, field), bool):
+                _fail(field, f"must be a bool, got {getattr(self, field)!r}", TypeError)
+
+    def replace(self, **overrides) -> "CSPConfig":
+        """A copy with `overrides` applied (validated again): fields of the config or, as in the
+        constructor, of its policy; a name that is neither raises TypeError."""
+        return CSPConfig(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **overrides})
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(CSPConfig))
+
+
+def _with_policy_fields(init):
+    """The dataclass's __init__, taking the policy's fields as keywords too (see `CSPConfig`)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        policy_fields = {name: kwargs.pop(name) for name in list(kwargs) if name not in _FIELDS}
+        init(self, *args, **kwargs)
+        if policy_fields:
+            try:
+                policy = self.policy.replace(**policy_fields)
+            except TypeError as exc:
+                raise TypeError(f"CSPConfig has no field {', '.join(map(repr, sorted(policy_fields)))}, and {exc}; "
+                                f"its fields are {', '.join(sorted(_FIELDS))}") from None
+            object.__setattr__(self, "policy", policy)
+
+    return __init__
+
+
+CSPConfig.__init__ = _with_policy_fields(CSPConfig.__init__)
+
+
+def resolve(config: Optional[CSPConfig], overrides: dict) -> CSPConfig:
+    """`config` (default CSPConfig()) with keyword `overrides` applied."""
+    if config is None:
+        config = CSPConfig()
+    elif not isinstance(config, CSPConfig):
+        raise TypeError(f"cspkv: config must be a cspkv.CSPConfig or None, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
