@@ -126,7 +126,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = os.environ.get("CSPKV_DEBUG", "0") == "1"
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cache_store/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math, as torch itself builds: GCC sinks a product used by one arm of a
     # select into that arm and then, lest a floating-point trap fire where the scalar code
@@ -142,7 +142,7 @@ def extensions():
     archs = cuda_arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     log(f"building CUDA kernels with {cuda_home} (CUDA {torch.version.cuda}) for archs {archs}")
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cache_store/*.cu"))
     defines = ["-DCSPKV_WITH_CUDA", f'-DCSPKV_CUDA_ARCHS="{archs}"', f'-DCSPKV_CUDA_VERSION="{torch.version.cuda}"']
     nvcc = ["-O3", "-lineinfo", "-std=c++20", "--expt-relaxed-constexpr", *defines]
     if debug:

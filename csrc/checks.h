@@ -1,5 +1,5 @@
 // Argument checks shared by the CPU and CUDA implementations of every op.
-// Messages mirror cspkv/checks.py: they name the op, the argument and what
+// Messages mirror cspkv/ops/checks.py: they name the op, the argument and what
 // was expected, and surface in Python as ValueError / TypeError / IndexError.
 #pragma once
 

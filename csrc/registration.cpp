@@ -7,7 +7,7 @@
 
 #include <atomic>
 
-#include "cache_store.h"
+#include "cache_store/cache_store.h"
 
 #ifndef CSPKV_CUDA_ARCHS
 #define CSPKV_CUDA_ARCHS ""

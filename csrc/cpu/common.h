@@ -1,5 +1,6 @@
 // Helpers shared by the CPU kernels: per-CPU code paths for the hot loops, an
-// exp that vectorises, the n-softmax normaliser and the split of work into parts.
+// exp that vectorises, the n-softmax normaliser, row prefetches. How work is
+// split into parts is in heuristics.h.
 #pragma once
 
 #include <algorithm>
@@ -7,7 +8,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <numeric>
 
 // The extension is built with baseline x86-64 flags (it must run on any CPU the
 // wheel lands on), which would leave every loop at SSE2 width. Hot loops are
@@ -135,16 +135,5 @@ struct RowPrefetch {
     }
   }
 };
-
-// How many parts to cut each of `items` equal work items into so that
-// at::parallel_for's static split gives every thread the same work: items * parts
-// a multiple of the thread count (B * Hkv alone is often 1-3 on 2-16 threads),
-// with each part keeping at least `min_size` of the item's `size` units of work.
-// With 4+ items per thread the imbalance is <= 25% and items stay whole.
-inline int64_t parts_per_item(int64_t items, int64_t size, int64_t min_size, int64_t threads) {
-  if (items % threads == 0 || items >= 4 * threads) return 1;
-  const int64_t balanced = threads / std::gcd(items, threads);
-  return std::clamp<int64_t>(size / std::max<int64_t>(min_size, 1), 1, balanced);
-}
 
 }  // namespace cspkv::cpu

@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "dispatch.h"
+#include "heuristics.h"
 
 namespace cspkv {
 namespace {
@@ -22,8 +23,7 @@ void gather_rows(const at::Tensor& src,  // [B, Hkv, L, cols], any strides
   const scalar_t* in = src.data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
   const int64_t rows = out.numel() / cols;
-  // Enough rows per task that a task copies at least ~32k elements.
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / cols);
+  const int64_t grain = heuristics::cpu_compact_rows_per_task(cols, at::internal::GRAIN_SIZE);
   at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
     for (int64_t row = row_begin; row < row_end; ++row) {
       const int64_t b = row / (Hkv * K), h = row / K % Hkv;

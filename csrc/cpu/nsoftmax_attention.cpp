@@ -17,6 +17,7 @@
 #include "checks.h"
 #include "cpu/common.h"
 #include "dispatch.h"
+#include "heuristics.h"
 
 namespace cspkv {
 namespace {
@@ -28,8 +29,6 @@ using cpu::kNegInf;
 constexpr int64_t kBlockKeys = 64;
 // Query rows per tile (decode has G of them, prefill chunks G * Q).
 constexpr int64_t kTileRows = 64;
-// A part of the cache shorter than this costs more to merge than it saves.
-constexpr int64_t kMinKeysPerPart = 128;
 
 // Converts `rows` rows of half/bf16 K or V into a float32 block.
 template <typename scalar_t>
@@ -167,7 +166,7 @@ void nsoftmax_attention_kernel(const scalar_t* q,       // [B, H, Q, D] contiguo
   const int64_t tile_rows = std::min(rows, kTileRows);
   const int64_t tiles = cpu::ceil_div(rows, tile_rows);
   const int64_t items = B * Hkv * tiles;
-  const int64_t parts = cpu::parts_per_item(items, Lc, kMinKeysPerPart, at::get_num_threads());
+  const int64_t parts = heuristics::cpu_attention_parts(items, Lc, at::get_num_threads());
 
   // Online-softmax state of every (item, part, row) when parts are merged later.
   std::vector<float> part_m(parts > 1 ? items * parts * tile_rows : 0);

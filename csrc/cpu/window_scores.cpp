@@ -25,6 +25,7 @@
 #include "checks.h"
 #include "cpu/common.h"
 #include "dispatch.h"
+#include "heuristics.h"
 #include "window_lse.h"
 
 namespace cspkv {
@@ -34,19 +35,11 @@ using cpu::kNegInf;
 using cpu::vec8;
 using cpu::vec8_at;
 
-// Logits per tile; rows per tile = this / L, within [8, 64] so that the packed
-// keys are reused enough and the tile stays in L2 at the usual prompt lengths.
-constexpr int64_t kTileFloats = 1 << 16;
-// A part whose logits fit in this many floats is one tile, and its keys are
-// packed panel by panel as the micro-kernel reaches them (see window_scores_kernel).
-constexpr int64_t kStreamTileFloats = 1 << 18;
 // How far ahead of the panel being multiplied its keys are prefetched.
 constexpr int64_t kPrefetchPanels = 4;
 // Keys per packed panel and query rows per micro-kernel call (see tile_logits).
 constexpr int64_t kPanelKeys = 16;
 constexpr int64_t kRowBlock = 4;
-// Fewer query rows than this per task would pack the keys for little work.
-constexpr int64_t kMinRowsPerPart = 16;
 
 // v = x[0..7] as floats.
 template <typename scalar_t>
@@ -240,7 +233,7 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
   // A KV head's rows may be split into parts; parts write partial scores that
   // are summed in a fixed order afterwards (deterministic, no atomics).
   const int64_t heads = B * Hkv;
-  const int64_t parts = cpu::parts_per_item(heads, G * W, kMinRowsPerPart, at::get_num_threads());
+  const int64_t parts = heuristics::cpu_window_parts(heads, G * W, at::get_num_threads());
   std::vector<float> partial(parts > 1 ? heads * parts * 2 * L : 0, 0.0f);
 
   // Few rows per part (small windows, few query heads per KV head): the part is
@@ -249,9 +242,8 @@ void window_scores_kernel(const scalar_t* q_win,  // [B, H, W, D] contiguous
   // reuses the part's keys, packed once up front, and tiles are sized to stay in
   // L2 with the packed keys.
   const int64_t part_rows = cpu::ceil_div(cpu::ceil_div(G * W, parts), kRowBlock) * kRowBlock;
-  const bool stream = part_rows * max_panels * kPanelKeys <= kStreamTileFloats;
-  const int64_t tile_rows =
-      stream ? part_rows : std::clamp<int64_t>(kTileFloats / L, 8, 64) / kRowBlock * kRowBlock;
+  const bool stream = heuristics::cpu_window_streams_keys(part_rows, max_panels * kPanelKeys);
+  const int64_t tile_rows = stream ? part_rows : heuristics::cpu_window_tile_rows(L, kRowBlock);
 
   at::parallel_for(0, heads * parts, 1, [&](int64_t task_begin, int64_t task_end) {
     std::vector<float> panels((stream ? 1 : max_panels) * kPanelKeys * D);

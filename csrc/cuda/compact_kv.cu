@@ -15,6 +15,7 @@
 
 #include "checks.h"
 #include "compact_kv.cuh"
+#include "heuristics.h"
 #include "launch.h"
 #include "nvtx.h"
 
@@ -57,9 +58,7 @@ void launch_compact(const at::Tensor& keys, const at::Tensor& values, const at::
                     at::Tensor& values_out, int* error_flag, cudaStream_t stream) {
   const CompactRows<VecT> k_rows = rows_of<VecT>(keys, keys_out), v_rows = rows_of<VecT>(values, values_out);
   const int64_t B = keys.size(0), Hkv = keys.size(1), L = keys.size(2), K = keep_idx.size(2);
-  const int nvec = std::max(k_rows.nvec, v_rows.nvec);
-  int tx = 1;
-  while (tx < nvec && tx < 32) tx *= 2;
+  const int tx = heuristics::compact_row_threads(std::max(k_rows.nvec, v_rows.nvec));
   const int ty = compact::kThreads / tx;
   const int64_t row_chunks = min_of<int64_t>(ceil_div<int64_t>(K, int64_t{ty} * compact::kRowsPerThread), 65535);
   const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_chunks), 2);

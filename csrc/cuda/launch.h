@@ -7,7 +7,6 @@
 // function at::cuda::getCurrentCUDAStream forwards to.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
@@ -47,23 +46,6 @@ inline bool rows_16b_aligned(const at::Tensor& t) {
     if ((t.stride(d) * elem) % 16 != 0) return false;
   }
   return true;
-}
-
-// How a kernel that walks `length` keys in steps of `keys_per_step` cuts them
-// into splits (grid dimension) when `blocks` blocks exist without splitting:
-// about `blocks_per_sm` blocks per SM, at most `max_splits`, whole steps per
-// split, no empty split.
-struct KeySplits {
-  int64_t count, keys_per_split;
-};
-
-inline KeySplits split_keys(int64_t length, int64_t blocks, int64_t blocks_per_sm, int64_t keys_per_step,
-                            int64_t max_splits) {
-  const int64_t steps = (length + keys_per_step - 1) / keys_per_step;
-  int64_t n = (blocks_per_sm * sm_count() + blocks - 1) / blocks;
-  n = std::max<int64_t>(1, std::min<int64_t>(n, std::min<int64_t>(steps, max_splits)));
-  const int64_t keys_per_split = (steps + n - 1) / n * keys_per_step;
-  return {(length + keys_per_split - 1) / keys_per_split, keys_per_split};
 }
 
 // Kernels whose tiles need more than the default 48 KiB of dynamic shared

@@ -1,7 +1,8 @@
-// CUDA binding of cspkv::nsoftmax_attention: checks, the choice between the
-// decode kernel (attention_decode.cuh: at most 8 query rows per KV head, half /
-// bfloat16, 16-byte aligned rows) and the tiled one (nsoftmax_attention.cuh),
-// split choice, device guard, dtype and head-dim dispatch, launches.
+// CUDA binding of cspkv::nsoftmax_attention: checks, device guard, the decode
+// kernel (attention_decode.cuh: at most 8 query rows per KV head, half /
+// bfloat16, 16-byte aligned rows) or the tiled one (nsoftmax_attention.cuh)
+// and their key splits as heuristics.h decides, dtype and head-dim dispatch,
+// launches.
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -16,6 +17,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "attention_decode.cuh"
+#include "heuristics.h"
 #include "launch.h"
 #include "nsoftmax_attention.cuh"
 #include "nvtx.h"
@@ -26,6 +28,46 @@ namespace {
 
 template <int N>
 using Int = std::integral_constant<int, N>;
+
+// The kernels' view of q [B, H, Q, D], keys [B, Hkv, Lc, D] and values
+// [B, Hkv, Lc, Dv] (rows contiguous), and of kv_valid [B, Lc] or [B, Hkv, Lc]
+// (undefined: every slot valid).
+template <typename scalar_t>
+AttentionParams<scalar_t> attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& valid, double scale, double n) {
+  AttentionParams<scalar_t> p;
+  p.q = q.data_ptr<scalar_t>();
+  p.keys = k.data_ptr<scalar_t>();
+  p.values = v.data_ptr<scalar_t>();
+  p.kv_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.q_stride_q = q.stride(2);
+  p.k_stride_b = k.stride(0);
+  p.k_stride_h = k.stride(1);
+  p.k_stride_l = k.stride(2);
+  p.v_stride_b = v.stride(0);
+  p.v_stride_h = v.stride(1);
+  p.v_stride_l = v.stride(2);
+  const bool per_head = valid.defined() && valid.dim() == 3;
+  p.valid_stride_b = valid.defined() ? valid.stride(0) : 0;
+  p.valid_stride_h = per_head ? valid.stride(1) : 0;
+  p.valid_stride_l = valid.defined() ? valid.stride(valid.dim() - 1) : 0;
+  p.Hkv = static_cast<int>(k.size(1));
+  p.G = static_cast<int>(q.size(1) / k.size(1));
+  p.Q = static_cast<int>(q.size(2));
+  p.Lc = static_cast<int>(k.size(2));
+  p.D = static_cast<int>(q.size(3));
+  p.Dv = static_cast<int>(v.size(3));
+  p.padded_d = padded_head_dim(static_cast<int>(q.size(3)));
+  p.q_vec16 = rows_16b_aligned(q);
+  p.k_vec16 = rows_16b_aligned(k);
+  p.v_vec16 = rows_16b_aligned(v);
+  p.scale = static_cast<float>(scale);
+  p.use_n = n > 0;
+  p.log_n = p.use_n ? static_cast<float>(std::log(n)) : 0.f;
+  return p;
+}
 
 // Merges the key splits of every query row into the output (nothing to do with one split).
 template <typename scalar_t>
@@ -54,7 +96,7 @@ void launch_attention(const AttentionParams<scalar_t>& p, int64_t row_tiles, int
 }
 
 template <typename scalar_t>
-void launch_decode(const AttentionParams<scalar_t>& p, int kernel_rows, int chunks, const KeySplits& splits,
+void launch_decode(const AttentionParams<scalar_t>& p, int kernel_rows, int chunks, const heuristics::KeySplits& splits,
                    int64_t bh_count, const at::Tensor& part_stats, const at::Tensor& part_acc, at::Tensor& out,
                    cudaStream_t stream) {
   float2* stats = splits.count > 1 ? reinterpret_cast<float2*>(part_stats.data_ptr<float>()) : nullptr;
@@ -104,15 +146,16 @@ at::Tensor nsoftmax_attention_cuda(const at::Tensor& q_in, const at::Tensor& key
   const int capped_rows = static_cast<int>(min_of<int64_t>(rows, decode::kMaxRows + 1));  // no int overflow
   const int decode_rows = decode::rows_instance(capped_rows);
   const int decode_chunks = static_cast<int>(ceil_div<int64_t>(max_of(D, Dv), decode::kChunkDims));
-  const bool use_decode = (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-                          decode::fits(capped_rows, decode_chunks) && rows_16b_aligned(q) && rows_16b_aligned(k) &&
-                          rows_16b_aligned(v);
-  // Tiled kernel: about two blocks per SM, splits of whole key tiles. Decode
-  // kernel: about four (small blocks; the loads need to be in flight).
+  const bool use_decode = heuristics::attention_decode(
+      q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+      rows_16b_aligned(q) && rows_16b_aligned(k) && rows_16b_aligned(v), decode::fits(capped_rows, decode_chunks));
   const int64_t row_tiles = ceil_div<int64_t>(rows, attention::kTileRows);
-  const KeySplits splits =
-      use_decode ? split_keys(Lc, B * Hkv, 4, decode::kWarps * 2 * decode::unroll(decode_rows), attention::kMaxSplits)
-                 : split_keys(Lc, row_tiles * B * Hkv, 2, attention::kTileKeys, attention::kMaxSplits);
+  const heuristics::KeySplits splits =
+      use_decode ? heuristics::attention_decode_splits(Lc, B * Hkv, sm_count(),
+                                                       decode::kWarps * 2 * decode::unroll(decode_rows),
+                                                       attention::kMaxSplits)
+                 : heuristics::attention_tiled_splits(Lc, row_tiles * B * Hkv, sm_count(), attention::kTileKeys,
+                                                      attention::kMaxSplits);
   const int64_t nsplit = splits.count, keys_per_split = splits.keys_per_split;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor part_stats, part_acc;
@@ -122,42 +165,10 @@ at::Tensor nsoftmax_attention_cuda(const at::Tensor& q_in, const at::Tensor& key
   }
 
   const at::Tensor valid = kv_valid.has_value() ? *kv_valid : at::Tensor();
-  const bool use_n = n > 0;
-  const float log_n = use_n ? static_cast<float>(std::log(n)) : 0.f;
 
   NvtxRange range("cspkv::nsoftmax_attention");
   CSPKV_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cspkv.nsoftmax_attention", [&] {
-    AttentionParams<scalar_t> p;
-    p.q = q.data_ptr<scalar_t>();
-    p.keys = k.data_ptr<scalar_t>();
-    p.values = v.data_ptr<scalar_t>();
-    p.kv_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
-    p.q_stride_b = q.stride(0);
-    p.q_stride_h = q.stride(1);
-    p.q_stride_q = q.stride(2);
-    p.k_stride_b = k.stride(0);
-    p.k_stride_h = k.stride(1);
-    p.k_stride_l = k.stride(2);
-    p.v_stride_b = v.stride(0);
-    p.v_stride_h = v.stride(1);
-    p.v_stride_l = v.stride(2);
-    const bool per_head = valid.defined() && valid.dim() == 3;
-    p.valid_stride_b = valid.defined() ? valid.stride(0) : 0;
-    p.valid_stride_h = per_head ? valid.stride(1) : 0;
-    p.valid_stride_l = valid.defined() ? valid.stride(valid.dim() - 1) : 0;
-    p.Hkv = static_cast<int>(Hkv);
-    p.G = static_cast<int>(G);
-    p.Q = static_cast<int>(Q);
-    p.Lc = static_cast<int>(Lc);
-    p.D = static_cast<int>(D);
-    p.Dv = static_cast<int>(Dv);
-    p.padded_d = padded_head_dim(static_cast<int>(D));
-    p.q_vec16 = rows_16b_aligned(q);
-    p.k_vec16 = rows_16b_aligned(k);
-    p.v_vec16 = rows_16b_aligned(v);
-    p.scale = static_cast<float>(scale);
-    p.use_n = use_n;
-    p.log_n = log_n;
+    const AttentionParams<scalar_t> p = attention_params<scalar_t>(q, k, v, valid, scale, n);
     if constexpr (sizeof(scalar_t) == 2) {
       if (use_decode) {
         launch_decode<scalar_t>(p, decode_rows, decode_chunks, splits, B * Hkv, part_stats, part_acc, out, stream);

@@ -1,7 +1,6 @@
-// CUDA binding of cspkv::window_scores: checks, device guard, the choice
-// between the tensor-core kernels (window_scores_mma.cuh: half / bfloat16 with
-// 16-byte aligned rows, sm_80+) and the CUDA-core ones (window_scores.cuh:
-// everything else), dtype dispatch, launches.
+// CUDA binding of cspkv::window_scores: checks, device guard, the tensor-core
+// kernels (window_scores_mma.cuh) or the CUDA-core ones (window_scores.cuh) as
+// heuristics.h decides, dtype dispatch, launches.
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -17,6 +16,7 @@
 
 #include "checks.h"
 #include "dispatch.h"
+#include "heuristics.h"
 #include "launch.h"
 #include "nvtx.h"
 #include "window_lse.h"
@@ -48,18 +48,6 @@ bool tensor_core_kernels_runnable() {
   }
   known.emplace(device, runnable);
   return runnable;
-}
-
-// Whether pass 2 (head dim 128) takes two key tiles per warp: one block of
-// 256 keys per SM instead of two blocks of 128. An A/B of both on an H200
-// (2026-11-27, benchmarks/results/gpu-check-h200.md) found two tiles 3-9%
-// faster with at least 4 streamed row tiles and a block for every SM; in the
-// other cases one tile took 0.81-1.05x the time of two (few rows to amortise
-// the stationary tile, or too few blocks: Qwen2-VL's 4 KV heads at 4k keys).
-bool two_key_tiles(int64_t rows, int64_t L, int64_t batch_heads) {
-  if (rows < 4 * window_mma::kStreamed) return false;
-  const int64_t blocks = ceil_div<int64_t>(L, window_mma::score_keys(2)) * batch_heads;
-  return blocks >= sm_count();
 }
 
 template <typename T>
@@ -132,26 +120,27 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
   const at::Tensor km = k_mod.to(at::kInt).contiguous();
   const bool q_vec16 = rows_16b_aligned(q), k_vec16 = rows_16b_aligned(k);
   const bool half_precision = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
-  const bool tensor_cores = half_precision && q_vec16 && k_vec16 && tensor_core_kernels_runnable();
+  const bool tensor_cores =
+      heuristics::window_tensor_cores(half_precision, q_vec16 && k_vec16, tensor_core_kernels_runnable());
 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor self_scores = at::empty({s.B, s.Hkv, s.L}, f32);
   at::Tensor cross_scores = at::empty({s.B, s.Hkv, s.L}, f32);
 
   // Pass 1, skipped when the caller gives each row's log-sum-exp: row
-  // statistics from enough (row tile, key split) blocks to fill the GPU about
-  // twice (splits are whole key tiles); pass 1b merges them into the log
-  // n-softmax denominator of each row.
+  // statistics per (row tile, key split) block; pass 1b merges them into the
+  // log n-softmax denominator of each row.
   NvtxRange range("cspkv::window_scores");
   const int64_t rows = G * s.W;
   const int64_t all_rows = s.B * s.Hkv * rows;
   const int64_t row_tiles = ceil_div<int64_t>(rows, tensor_cores ? window_mma::kStationary : window::kTileRows);
-  KeySplits splits{0, 0};
+  heuristics::KeySplits splits{0, 0};
   at::Tensor row_stats, log_denominator;
   if (lse.has_value()) {
     log_denominator = window_log_denominator(*lse, n);  // [B, H, W] = [B * Hkv, G * W]: row r = g * W + w
   } else {
-    splits = split_keys(s.L, row_tiles * s.B * s.Hkv, 2, window::kTileKeys, window::kMaxSplits);
+    splits = heuristics::window_stats_splits(s.L, row_tiles * s.B * s.Hkv, sm_count(), window::kTileKeys,
+                                             window::kMaxSplits);
     row_stats = at::empty({all_rows, splits.count, 2}, f32);
     log_denominator = at::empty({all_rows}, f32);
   }
@@ -191,8 +180,9 @@ std::tuple<at::Tensor, at::Tensor> window_scores_cuda(const at::Tensor& q_win, c
             p, log_denominator.data_ptr<float>(), self_scores.data_ptr<float>(), cross_scores.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if constexpr (window_mma::max_score_m_tiles(kD) == 2) {
-        if (two_key_tiles(rows, s.L, s.B * s.Hkv)) {
+      if constexpr (heuristics::window_max_key_tiles(kD) == 2) {
+        if (heuristics::window_two_key_tiles(rows, s.L, s.B * s.Hkv, sm_count(), window_mma::kStreamed,
+                                             window_mma::score_keys(2))) {
           score(std::integral_constant<int, 2>{});
           return;
         }

@@ -14,8 +14,8 @@
 //      across the lane quad at the end. Blocks own disjoint keys: no atomics.
 //      Two key tiles per warp (kMTiles = 2, kD = 128 only) use each B fragment
 //      read from shared memory for twice the MMAs and give each warp twice the
-//      independent work, at one block per SM; the binding picks them where
-//      they measured faster (window_scores.cu: two_key_tiles).
+//      independent work, at one block per SM; heuristics.h decides where
+//      (window_max_key_tiles, window_two_key_tiles).
 //
 // Shared memory: the stationary tile (128 or 256 rows) and two streamed tiles
 // (64 rows), each row kD + 8 16-bit words: the 16-byte pad puts the 8 rows an
@@ -39,14 +39,6 @@ constexpr int kStreamed = 64;             // rows per streamed tile: 8 MMA n-til
 
 constexpr int padded_dim(int d) {
   return d <= 64 ? 64 : (d <= 128 ? 128 : 256);
-}
-
-// Most 16-key MMA tiles per warp of pass 2: two for kD = 128, where their A
-// fragments and accumulators fit the registers of one 256-thread block per
-// SM and measured faster on large inputs (at kD = 64 two tiles took 0.98-1.22x
-// the time of one; kD = 256 does not fit).
-constexpr int max_score_m_tiles(int kd) {
-  return kd == 128 ? 2 : 1;
 }
 
 // Keys a pass-2 block holds.

@@ -1,4 +1,4 @@
-// The decode step's append to a pruned layer's store (cspkv/cache.py, _Store),
+// The decode step's append to a pruned layer's store (cspkv/hf/cache.py, _Store),
 // in one call from Python: the token copies and, when the call has a 2-D
 // attention mask, the new slots' liveness, then three views. On CPU tensors
 // and on CUDA tensors of a CUDA build the copies are one loop / one kernel
@@ -15,10 +15,11 @@
 #include <cstring>
 #include <vector>
 
+#include "heuristics.h"
 #include "store_rows.h"
 
 #ifdef CSPKV_WITH_CUDA
-#include "cuda/store_append.h"
+#include "store_append_cuda.h"
 #endif
 
 namespace cspkv {
@@ -60,8 +61,7 @@ StoreRows liveness_rows(const at::Tensor& valid_slots, int64_t n, const at::Tens
 
 void copy_rows_cpu(const StoreRows& r) {
   const int64_t rows = r.B * r.H * r.T, es = r.element_size;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, r.D * es));  // ~64 KiB a task
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, heuristics::cpu_append_rows_per_task(r.D * es), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t t = row % r.T, h = (row / r.T) % r.H, b = row / (r.T * r.H);
       char* dst = r.dst + (b * r.dst_stride[0] + h * r.dst_stride[1] + t * r.dst_stride[2]) * es;

@@ -11,16 +11,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
-#include "common.cuh"
-#include "nvtx.h"
-#include "store_append.h"
+#include "cuda/common.cuh"
+#include "cuda/nvtx.h"
+#include "heuristics.h"
+#include "store_append_cuda.h"
 
 namespace cspkv {
 namespace cuda {
 namespace {
 
 constexpr int kAppendThreads = 256;
-constexpr int64_t kMaxAppendBlocks = 1024;  // per tensor; the grid-stride loop covers the rest
 
 template <typename Word>
 __device__ __forceinline__ void copy_rows(const StoreRows& r, int64_t first, int64_t step) {
@@ -57,7 +57,7 @@ template <typename Word>
 void launch_append(const StoreRows& keys, const StoreRows& values, const StoreRows* live, cudaStream_t stream) {
   const int64_t most = std::max({elements(keys), elements(values), live != nullptr ? elements(*live) : int64_t{0}});
   if (most == 0) return;
-  const int64_t blocks = min_of<int64_t>(ceil_div<int64_t>(most, kAppendThreads), kMaxAppendBlocks);
+  const int64_t blocks = heuristics::append_blocks(most, kAppendThreads);
   const dim3 grid(static_cast<unsigned>(blocks), live != nullptr ? 3u : 2u);
   store_append_kernel<Word><<<grid, kAppendThreads, 0, stream>>>(keys, values, live != nullptr ? *live : StoreRows{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,5 +1,5 @@
-// CUDA side of the decode append (cache_store.cpp): host declaration only, so
-// the C++ compiler can include it.
+// CUDA side of the decode append (cache_store.cpp), defined in
+// store_append.cu: host declaration only, so the C++ compiler can include it.
 #pragma once
 
 #include <c10/core/Device.h>
