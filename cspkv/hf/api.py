@@ -13,18 +13,20 @@ the model computes exactly what it did before. Works the same on transformers
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import logging
+import threading
 import warnings
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..ops.profiling import nvtx_enabled
 from ..pruning.config import CSPConfig, resolve
-from ..pruning.modality import check_shape, validate_ids
+from ..pruning.modality import fit_to_prompt, validate_ids
 from . import cache as cache_mod
 from . import models
 from .call import CallContext
@@ -54,17 +56,40 @@ class PatchHandle:
         self.skipped: Dict[int, str] = {}
         self.liveness = cache_mod.Liveness()
         self.nvtx = nvtx_enabled()
+        self.owners: List[nn.Module] = []  # the modules whose forward opens a call: the top model first
         self._hooks: list = []
-        self._call: Optional[CallContext] = None
-        self._depth = 0
+        self._local = threading.local()  # the current thread's call and explicit modality ids
         self._side_streams: Dict[torch.device, "torch.cuda.Stream"] = {}  # CSPConfig.overlap_pruning
-        self._modality_override: Optional[torch.Tensor] = None
         self.removed = False
 
+    @property
+    def _call(self) -> Optional[CallContext]:
+        """The current thread's call in flight, if any."""
+        return getattr(self._local, "call", None)
+
+    @_call.setter
+    def _call(self, call: Optional[CallContext]) -> None:
+        self._local.call = call
+
+    @property
+    def _modality_override(self) -> Optional[torch.Tensor]:
+        """The ids given by `cspkv.modalities` in the current thread, if any."""
+        return getattr(self._local, "override", None)
+
+    @_modality_override.setter
+    def _modality_override(self, ids: Optional[torch.Tensor]) -> None:
+        self._local.override = ids
+
     # -- hooks on the top model / text model
+    def _rank(self, module: nn.Module) -> int:
+        return next(i for i, owner in enumerate(self.owners) if owner is module)
+
     def _pre_hook(self, module, args, kwargs):
-        self._depth += 1
-        if self._depth > 1:
+        call = self._call
+        # The text model inside the top model's call joins that call. Any other entry opens a new
+        # call: a module is never called inside itself, so an open call of the same (or an inner)
+        # module is left over from an interrupted forward (KeyboardInterrupt skips the post-hook).
+        if call is not None and call.owner is not None and self._rank(module) > self._rank(call.owner):
             return None
         bound = _bind(module, args, kwargs)
         cache = next((bound[n] for n in CACHE_NAMES if bound.get(n) is not None), None)
@@ -75,20 +100,42 @@ class PatchHandle:
         if override is not None and prefill:
             prompt = input_ids if isinstance(input_ids, torch.Tensor) else bound.get("inputs_embeds")
             if isinstance(prompt, torch.Tensor):
-                check_shape(override, prompt.shape[0], prompt.shape[1])
-        self._call = CallContext(self, input_ids, attention_mask, override)
-        self.liveness.chunk_live = self._call.chunk_live
+                fit_to_prompt(override, prompt.shape[0], prompt.shape[1])
+        self._call = call = CallContext(self, input_ids, attention_mask, override, owner=module)
+        self.liveness.chunk_live = call.chunk_live
         if prefill:  # the first pruned layer will need them
-            self._call.start_host_copies()
+            call.start_host_copies()
         return None
 
     def _post_hook(self, module, args, kwargs, output):
-        self._depth = max(0, self._depth - 1)
-        if self._depth == 0:
-            if self._call is not None:
-                self._call.join()
+        call = self._call
+        if call is not None and call.owner is module:
+            call.join()
             self._call = self.liveness.chunk_live = None
         return None
+
+    # -- copies
+    def __deepcopy__(self, memo) -> "PatchHandle":
+        """A copy of a patched model (``copy.deepcopy(model)``) is patched on its own: its layers,
+        hooks and caches belong to the copy's handle, with no call in flight."""
+        clone = object.__new__(PatchHandle)
+        memo[id(self)] = clone
+        memo[id(self.liveness)] = cache_mod.Liveness()  # the copy's caches answer to the copy
+        clone.liveness = memo[id(self.liveness)]
+        clone.liveness.active = self.liveness.active
+        clone._local = threading.local()
+        clone._side_streams = {}
+        for name, value in self.__dict__.items():
+            if name not in ("liveness", "_local", "_side_streams"):
+                setattr(clone, name, copy.deepcopy(value, memo))
+        return clone
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"cspkv: a patched {type(self.model).__name__} cannot be pickled (torch.save of the module included): its "
+            "attention modules run cspkv's patch. Call cspkv.unpatch(model) first and patch again after loading, "
+            "or save model.state_dict(), which patching does not change"
+        )
 
     # -- public
     def remove(self) -> None:
@@ -103,7 +150,7 @@ class PatchHandle:
         self.liveness.active = False
         if self._call is not None:
             self._call.join()
-        self._call, self._depth, self.liveness.chunk_live = None, 0, None
+        self._call = self.liveness.chunk_live = None
         self.removed = True
         if getattr(self.model, "_cspkv_handle", None) is self:
             del self.model._cspkv_handle
@@ -215,11 +262,11 @@ def patch(model: nn.Module, config: Optional[CSPConfig] = None, **overrides) -> 
     for patch_ in handle.layers.values():
         patch_.install()
 
-    owners = [model]
+    handle.owners = [model]
     decoder = adapter.decoder(model)
     if decoder is not None and decoder is not model:
-        owners.append(decoder)
-    for owner in owners:
+        handle.owners.append(decoder)
+    for owner in handle.owners:
         handle._hooks.append(owner.register_forward_pre_hook(handle._pre_hook, with_kwargs=True))
         handle._hooks.append(owner.register_forward_hook(handle._post_hook, with_kwargs=True, always_call=True))
     model._cspkv_handle = handle
@@ -274,8 +321,12 @@ def modalities(model: nn.Module, modality_ids) -> Iterator[None]:
     """Explicit modality ids [B, L] (int, -1 = padding) for the prompts of the calls inside.
 
     The ids must have the shape of the prompt being prefilled (checked before
-    the call does any work); padding (attention_mask == 0) is -1 regardless.
-    Generated tokens need no ids: scoring happens at prefill only.
+    the call does any work), or that of the prompt before generate() expands
+    its rows for beam search or ``num_return_sequences`` (each row is then
+    repeated as generate() repeats the prompt's); padding (attention_mask == 0)
+    is -1 regardless. Generated tokens need no ids: scoring happens at prefill
+    only. The ids hold for the current thread: other threads calling the same
+    model are not affected.
     """
     handle = _handle_of(model, "modalities")
     ids = validate_ids(modality_ids)

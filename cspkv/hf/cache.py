@@ -22,6 +22,7 @@ and 5.x (`get_mask_sizes(query_length)`, `crop(-tokens_to_remove)`).
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -36,15 +37,30 @@ _CROP_TAKES_REMOVAL = "tokens_to_remove" in inspect.signature(DynamicLayer.crop)
 class Liveness:
     """What a pruned cache learns from the patch that pruned it (one object per patch, shared by
     its layers): `active`, False once the patch has been removed, and `chunk_live`, set while a
-    forward call is in flight: (t, total, device) -> bool [B, 1, t], which of the call's last t
-    of `total` positions its 2-D attention mask marks real, or None (no such mask). New tokens
-    it marks as padding (a padded follow-up turn) are stored dead."""
+    forward call is in flight in the current thread: (t, total, device) -> bool [B, 1, t], which
+    of the call's last t of `total` positions its attention mask marks real, or None (no mask).
+    New tokens it marks as padding (a padded follow-up turn) are stored dead.
 
-    __slots__ = ("active", "chunk_live")
+    A copy of a pruned cache (``copy.deepcopy``, transformers' prefix-caching recipe) keeps the
+    link to the patch: this object is shared, not copied.
+    """
+
+    __slots__ = ("active", "_local")
 
     def __init__(self) -> None:
         self.active = True
-        self.chunk_live = None
+        self._local = threading.local()
+
+    @property
+    def chunk_live(self):
+        return getattr(self._local, "chunk_live", None)
+
+    @chunk_live.setter
+    def chunk_live(self, value) -> None:
+        self._local.chunk_live = value
+
+    def __deepcopy__(self, memo) -> "Liveness":
+        return self
 
 
 def append_reserve(stored: int) -> int:
@@ -128,17 +144,21 @@ class PrunedLayer(DynamicLayer):
         after an append, views of a store with free slots (see the module docstring).
     kv_valid : bool [B, Hkv, C + t]; False marks dead slots, never attended.
     logical_len : L + t, the length the model sees (positions, masks).
-    pruned_len : C, stored prompt slots; `crop` can only remove tokens appended after them.
+    pruned_len : C, stored prompt slots.
+    croppable : the last prompt positions that every row and KV head stores, in order, as its
+        last prompt slots (the recent window): with the appended tokens, what `crop` can remove.
     """
 
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, logical_len: int, liveness: Liveness):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, logical_len: int, liveness: Liveness,
+                 croppable: int = 0):
         super().__init__()
         self.keys, self.values = keys, values
         self.kv_valid = kv_valid
         self.logical_len = int(logical_len)
         self.pruned_len = keys.shape[-2]
+        self.croppable = min(int(croppable), self.pruned_len)
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self._liveness = liveness
@@ -194,7 +214,7 @@ class PrunedLayer(DynamicLayer):
         self.keys = self.values = self.kv_valid = None
         self._store = None
         self.logical_len = 0
-        self.pruned_len = 0
+        self.pruned_len = self.croppable = 0
         self.is_initialized = False
 
     def _select_rows(self, select) -> None:
@@ -216,7 +236,13 @@ class PrunedLayer(DynamicLayer):
         self._select_rows(lambda t: t[indices, ...])
 
     def crop(self, amount: int) -> None:
-        """Remove tokens appended after pruning (assisted decoding); the pruned prompt cannot be cropped."""
+        """Remove the last tokens (assisted and prompt-lookup decoding drop rejected drafts so).
+
+        Tokens appended after pruning can always be removed, and so can the prompt's last
+        `croppable` positions (the recent window, stored whole in every row and head); beyond
+        that the prompt was compacted, and NotImplementedError says so. Draft tokens verified in
+        the same forward as the prompt are part of its recent window when the window holds them.
+        """
         if _CROP_TAKES_REMOVAL:
             if amount > 0:
                 raise ValueError(f"Calling `crop` with a positive value (`{amount}`) is not supported; pass -tokens_to_remove")
@@ -226,11 +252,15 @@ class PrunedLayer(DynamicLayer):
         if remove <= 0 or self.keys is None:
             return
         appended = self.keys.shape[-2] - self.pruned_len
-        if remove > appended:
+        if remove > appended + self.croppable:
             raise NotImplementedError(
                 f"cspkv: cannot crop {remove} tokens from a pruned cache layer: only the {appended} tokens appended "
-                "after pruning can be removed, the prompt part was compacted"
+                f"after pruning and the prompt's last {self.croppable} (its recent window) can be removed, the rest "
+                "of the prompt was compacted; a larger CSPConfig.recent keeps more of it croppable"
             )
+        from_prompt = max(0, remove - appended)
+        self.pruned_len -= from_prompt
+        self.croppable -= from_prompt
         n = self.keys.shape[-2] - remove
         store = self._store
         if store is not None and store.writable_for(self):

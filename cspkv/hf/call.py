@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import torch
 
 from ..pruning import budget
-from ..pruning.modality import check_shape, mask_padding
+from ..pruning.modality import fit_to_prompt, key_live_mask, mask_padding
 
 if TYPE_CHECKING:
     from .api import PatchHandle
@@ -49,13 +49,18 @@ class HostCopies:
 class CallContext:
     """What one top-level forward call tells every patched layer: the prompt's ids and mask.
 
-    Modality ids and row plans are computed once per call, on first use.
+    Modality ids and row plans are computed once per call, on first use. A call belongs to the
+    thread that made it (`PatchHandle` keeps one per thread) and to the module whose forward
+    opened it (`owner`: the top model, or the text model called directly). A 4-D attention mask
+    is read as the 2-D key mask of its last query (`key_live_mask`), so its padding is known too.
     """
 
-    def __init__(self, handle: "PatchHandle", input_ids, attention_mask, override) -> None:
+    def __init__(self, handle: "PatchHandle", input_ids, attention_mask, override, owner=None) -> None:
         self.handle = handle
+        self.owner = owner
         self.input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
-        self.attention_mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+        self.attention_mask = key_live_mask(mask) if mask is not None and mask.dim() == 4 else mask
         self.override = override
         self._ids: Optional[torch.Tensor] = None
         self._on_device: Dict[torch.device, tuple] = {}
@@ -76,7 +81,7 @@ class CallContext:
         """k_mod [B, L] (CPU int64), -1 at padding."""
         if self._ids is None:
             if self.override is not None:
-                check_shape(self.override, batch, length)
+                fit_to_prompt(self.override, batch, length)
             elif self.input_ids is not None and tuple(self.input_ids.shape[:2]) != (batch, length):
                 raise RuntimeError(
                     f"cspkv: the layer prunes a prompt of shape [B, L] = [{batch}, {length}] but the call's "
@@ -85,7 +90,7 @@ class CallContext:
             self.start_host_copies()  # already started by the pre-hook of a prefill call
             given, mask = self._host.get()
             if self.override is not None:
-                ids = given
+                ids = fit_to_prompt(given, batch, length)
             else:
                 ids = self.handle.adapter.modality_ids(self.handle.model, given, (batch, length), torch.device("cpu"))
             self._ids = mask_padding(ids.long(), mask)

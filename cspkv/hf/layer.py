@@ -24,6 +24,7 @@ import copy
 import inspect
 import logging
 import sys
+import threading
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -62,6 +63,38 @@ def _positional_index(fn, names) -> Optional[int]:
     return None
 
 
+class _CapturingForward:
+    """The forward installed on a patched attention module: records the call's cache for the
+    cspkv attention function (per thread), then runs the module's own forward. An object rather
+    than a closure, so that a deep copy of the model runs the copy's module and patch."""
+
+    __slots__ = ("patch",)
+
+    def __init__(self, patch: "LayerPatch") -> None:
+        self.patch = patch
+
+    def __call__(self, *args, **kwargs):
+        patch = self.patch
+        cache = None
+        for name in CACHE_NAMES:
+            if kwargs.get(name) is not None:
+                cache = kwargs[name]
+                break
+        else:
+            if patch.cache_position is not None and len(args) > patch.cache_position:
+                cache = args[patch.cache_position]
+        if cache is not None and not isinstance(cache, DynamicCache):
+            cache_mod.check_cache(cache)
+        local = patch._local
+        local.cache = cache
+        try:
+            if patch.instance_forward is not None:
+                return patch.instance_forward(*args, **kwargs)
+            return type(patch.module).forward(patch.module, *args, **kwargs)
+        finally:
+            local.cache = None
+
+
 class LayerPatch:
     """The patch of one attention module and the pruning statistics of its layer."""
 
@@ -69,18 +102,32 @@ class LayerPatch:
         self.handle = handle
         self.layer_idx = layer_idx
         self.module = module
-        self.cache = None  # the cache of the call in flight
+        self._local = threading.local()  # the cache of the current thread's call in flight
         self.original_config = module.config
         # A config class that keeps transformers' `_attn_implementation` property has the name in its
         # fields: read there, it skips the config's __getattribute__ overrides (several us a layer and token).
         keeps_property = inspect.getattr_static(type(module.config), "_attn_implementation", None) is _NAME_PROPERTY
         self.config_fields = vars(module.config) if keeps_property else None
         self.eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        self.had_instance_forward = "forward" in module.__dict__
-        self.inner_forward = module.forward
+        self.instance_forward = module.__dict__.get("forward")  # a forward set on the instance before patching
         self.cache_position = _positional_index(type(module).forward, CACHE_NAMES)
         self.stats = LayerStats(layer_idx)
         self._original: Optional[tuple] = None  # (attention implementation name, its function)
+
+    @property
+    def cache(self):
+        """The cache of the current thread's call in flight, or None."""
+        return getattr(self._local, "cache", None)
+
+    def __deepcopy__(self, memo) -> "LayerPatch":
+        clone = object.__new__(LayerPatch)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            if name not in ("_local", "config_fields"):
+                setattr(clone, name, copy.deepcopy(value, memo))
+        clone._local = threading.local()
+        clone.config_fields = None if self.config_fields is None else vars(clone.original_config)
+        return clone
 
     # -- install / remove
     def install(self) -> None:
@@ -88,34 +135,15 @@ class LayerPatch:
         patched_config = copy.copy(self.original_config)
         # Set the backing field directly: the public setter would recurse into (shared) sub-configs.
         patched_config.__dict__["_attn_implementation_internal"] = ATTENTION_NAME
-        inner, cache_position = self.inner_forward, self.cache_position
-
-        def forward(*args, **kwargs):
-            cache = None
-            for name in CACHE_NAMES:
-                if kwargs.get(name) is not None:
-                    cache = kwargs[name]
-                    break
-            else:
-                if cache_position is not None and len(args) > cache_position:
-                    cache = args[cache_position]
-            if cache is not None and not isinstance(cache, DynamicCache):
-                cache_mod.check_cache(cache)
-            self.cache = cache
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self.cache = None
-
         module.config = patched_config
-        module.forward = forward
+        module.forward = _CapturingForward(self)
         module._cspkv_layer = self
 
     def remove(self) -> None:
         module = self.module
         module.config = self.original_config
-        if self.had_instance_forward:
-            module.forward = self.inner_forward
+        if self.instance_forward is not None:
+            module.forward = self.instance_forward
         else:
             module.__dict__.pop("forward", None)
         module.__dict__.pop("_cspkv_layer", None)
@@ -155,6 +183,12 @@ class LayerPatch:
         )
         if prefill:
             self._check_supported(kwargs, dropout)
+            if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+                raise NotImplementedError(
+                    f"cspkv: layer {self.layer_idx}: pruning a cache is not differentiable, and this forward asks for "
+                    "gradients with a cache. Generate under torch.no_grad() or torch.inference_mode(); to train a "
+                    "patched model pass use_cache=False (the layers then run their own attention), or unpatch it"
+                )
         config = self.handle.config
         capture = prefill_lse.Capture() if prefill and config.prefill_lse and config.policy.uses_prefill_lse else None
         with capture if capture is not None else _NO_CONTEXT:
@@ -223,7 +257,10 @@ class LayerPatch:
             kept = prune_layer(config, query, key, value, k_mod, q_mod, plans, scale=scaling, layer=self.layer_idx,
                                lse=lse, nvtx=nvtx)
             timing = timer.stop()
-        self.cache.layers[self.layer_idx] = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L, handle.liveness)
+        # Every row stores its last `recent` prompt positions as its last slots (a row too short to prune: all).
+        croppable = min((p.recent for p in plans if p.length > 0), default=0)
+        self.cache.layers[self.layer_idx] = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L,
+                                                                  handle.liveness, croppable)
         self.stats = LayerStats(
             self.layer_idx,
             pruned=True,

@@ -36,13 +36,23 @@ def validate_ids(modality_ids) -> torch.Tensor:
     return modality_ids.long()
 
 
-def check_shape(modality_ids: torch.Tensor, batch: int, length: int) -> None:
-    """Explicit ids must cover the prompt being pruned: shape [batch, length]."""
-    if tuple(modality_ids.shape) != (batch, length):
-        raise ValueError(
-            f"cspkv.modalities: modality_ids must have the prompt's shape [B, L] = [{batch}, {length}], "
-            f"got {list(modality_ids.shape)}"
-        )
+def fit_to_prompt(modality_ids: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Explicit ids for a prompt of shape [batch, length]: the ids themselves, or, when generate()
+    expanded each prompt row into `batch // B` rows (beam search, num_return_sequences), each row
+    of the ids repeated as generate() repeats the prompt's rows.
+
+    >>> fit_to_prompt(torch.tensor([[0, 1], [1, 0]]), 4, 2).tolist()
+    [[0, 1], [0, 1], [1, 0], [1, 0]]
+    """
+    B, L = modality_ids.shape
+    if L == length and B == batch:
+        return modality_ids
+    if L == length and B > 0 and batch % B == 0:
+        return modality_ids.repeat_interleave(batch // B, dim=0)
+    raise ValueError(
+        f"cspkv.modalities: modality_ids must have the prompt's shape [B, L] = [{batch}, {length}] (or [{batch} / k, "
+        f"{length}] when generate() expands each row k times for beams or num_return_sequences), got {list(modality_ids.shape)}"
+    )
 
 
 def token_modality_ids(
@@ -62,6 +72,17 @@ def token_modality_ids(
         for token_id, modality in special_tokens.items():
             ids = ids.masked_fill(tokens == token_id, modality)
     return ids
+
+
+def key_live_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, K]: the keys a 4-D attention mask [B, 1 or H, Q, K] lets its last query see (bool:
+    True = attend; float: added to the logits, masked where very negative). Under causal attention
+    with left padding the last query is real and sees every real key, so this marks the padding;
+    a fully masked padding query row that was unmasked (as transformers does for SDPA) is not read.
+    """
+    last = attention_mask[:, :, -1, :]
+    allowed = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return allowed.any(dim=1)
 
 
 def mask_padding(modality_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
