@@ -11,11 +11,15 @@ spec = importlib.util.spec_from_file_location("_C", sys.argv[1])  # a Python mod
 ext = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ext)  # registers the ops too
 assert ext.parallel_threads() == torch.get_num_threads(), (ext.parallel_threads(), torch.get_num_threads())
-# The reference alone: `import cspkv` would load cspkv._C, a second registration of the ops.
-package = types.ModuleType("cspkv")
-package.__path__ = [str(pathlib.Path(__file__).resolve().parent.parent / "cspkv")]
-sys.modules["cspkv"] = package
-from cspkv import reference  # noqa: E402
+# The reference alone: `import cspkv` or `import cspkv.ops` would load cspkv._C, a second
+# registration of the ops. Bare packages (no __init__ run) let cspkv.ops.reference import its
+# sibling checks module and nothing else.
+root = pathlib.Path(__file__).resolve().parent.parent / "cspkv"
+for name, path in (("cspkv", root), ("cspkv.ops", root / "ops")):
+    package = types.ModuleType(name)
+    package.__path__ = [str(path)]
+    sys.modules[name] = package
+from cspkv.ops import reference  # noqa: E402
 
 torch.manual_seed(0)
 q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
