@@ -3,7 +3,8 @@
 These follow the contract in DESIGN.md literally and favour clarity over
 speed: `window_scores` materialises the full [B, H, W, L] probability matrix,
 which the compiled kernels never do. Every function validates its arguments
-with the same messages as the C++ ops (see `cspkv.ops.checks`).
+with the same messages as the C++ ops (see `cspkv.ops.checks`); integer and
+real scalar arguments may be numpy scalars.
 
 Conventions shared by all ops
 -----------------------------
@@ -84,6 +85,7 @@ def window_scores(
     >>> s.shape, c.shape
     (torch.Size([1, 2, 5]), torch.Size([1, 2, 5]))
     """
+    scale, n = checks.as_real(scale), checks.as_real(n)
     checks.window_scores_args(q_win, keys, q_mod, k_mod, scale, n, lse)
     B, H, W, D = q_win.shape
     Hkv, L = keys.shape[1], keys.shape[2]
@@ -160,6 +162,7 @@ def select_keep(
     >>> idx.tolist(), ok.all().item()
     ([[[0, 1, 4]]], True)
     """
+    budget, recent, cross_ratio = checks.as_int(budget), checks.as_int(recent), checks.as_real(cross_ratio)
     checks.select_keep_args(self_scores, cross_scores, k_mod, budget, recent, cross_ratio)
     B, Hkv, L = self_scores.shape
     real = k_mod >= 0
@@ -200,10 +203,28 @@ def compact_kv(
     values : [B, Hkv, L, Dv] float tensor, dtype of keys.
     keep_idx : int64 [B, Hkv, K], strictly ascending, values in [0, L).
     check_indices : validate the values of keep_idx (range, order) and raise
-        on a bad one. Checking needs the data: on a GPU it waits for it (a
-        device sync). False vouches for keep_idx, as the pruning path does
-        for `select_keep`'s output; a bad index is then not reported: the
-        CUDA kernel writes zeros for its row, the CPU kernel still raises.
+        on a bad one: IndexError for a value outside [0, L), ValueError for a
+        row that is not strictly ascending. Checking needs the data: on a GPU
+        it waits for it (a device sync). False vouches for keep_idx, as the
+        pruning path does for `select_keep`'s output; what a bad keep_idx then
+        does depends on the backend:
+
+        * CPU kernel (`cspkv.ops` on CPU tensors): checks anyway (no sync to
+          save, and an unchecked index would read out of bounds), raising as
+          with True.
+        * CUDA kernel: nothing is checked or raised; an output row k whose
+          index lies outside [0, L) or is not greater than the index before it
+          (``keep_idx[..., k - 1]`` as given: duplicates and out-of-order
+          entries) is written as zeros in both outputs; the other rows are
+          copied.
+        * this reference (the fallback without the extension): the value
+          checks are skipped and ``torch.gather`` runs: duplicates and any
+          order are copied as given; a value outside [0, L), negative ones
+          included, raises torch's RuntimeError ("index ... is out of bounds")
+          on a CPU and trips a device-side assert on a GPU.
+
+        The gradient (`cspkv.ops.compact_kv` is differentiable in keys and
+        values) assumes a valid keep_idx.
 
     Returns
     -------
@@ -255,6 +276,7 @@ def nsoftmax_attention(
     >>> nsoftmax_attention(q, k, v, scale=8 ** -0.5).shape
     torch.Size([2, 4, 1, 8])
     """
+    scale, n = checks.as_real(scale), checks.as_real(n)
     checks.nsoftmax_attention_args(q, keys, values, scale, n, kv_valid)
     B, H, Q, D = q.shape
     Hkv, Lc = keys.shape[1], keys.shape[2]

@@ -5,6 +5,9 @@ prompt's real length (a float) or as a token count (an int);
 `cspkv.pruning.budget` turns them into per-row counts. Which tokens win is the
 policy's choice (`cspkv.pruning.policies`), with its own fields. Every bad
 value raises a ValueError (or a TypeError for a wrong type) that names the field.
+Numbers may be numpy scalars: they are stored as plain Python ints and floats
+(`cspkv.ops.checks.as_int` / `as_real`), so a config compares, hashes and prints
+the same whichever was given.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+from ..ops.checks import as_int, as_real
 from .policies import Policy, resolve_policy
 
 Size = Union[float, int]
@@ -24,8 +28,10 @@ def _fail(field: str, message: str, kind: type = ValueError) -> None:
     raise kind(f"CSPConfig.{field} {message}")
 
 
-def _check_size(field: str, value, *, allow_zero: bool) -> None:
-    """A fraction (float in (0, 1], or [0, 1] with allow_zero) or a count (int >= 1, or >= 0)."""
+def _check_size(field: str, value, *, allow_zero: bool):
+    """A fraction (float in (0, 1], or [0, 1] with allow_zero) or a count (int >= 1, or >= 0);
+    returns it as a plain Python number."""
+    value = as_real(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(field, f"must be a float fraction or an int token count, got {value!r}", TypeError)
     if isinstance(value, float):
@@ -36,13 +42,16 @@ def _check_size(field: str, value, *, allow_zero: bool) -> None:
                   "(give an int for a token count)")
     elif value < (0 if allow_zero else 1):
         _fail(field, f"as an int is a token count and must be >= {0 if allow_zero else 1}, got {value!r}")
+    return value
 
 
-def _check_non_negative(field: str, value) -> None:
+def _check_non_negative(field: str, value):
+    value = as_real(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(field, f"must be a number >= 0, got {value!r}", TypeError)
     if not (math.isfinite(value) and value >= 0):
         _fail(field, f"must be a finite number >= 0, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -113,20 +122,23 @@ class CSPConfig:
     overlap_pruning: bool = False
 
     def __post_init__(self) -> None:
-        _check_size("budget", self.budget, allow_zero=False)
-        _check_size("window", self.window, allow_zero=False)
+        # Frozen: normalised values are stored with object.__setattr__.
+        object.__setattr__(self, "budget", _check_size("budget", self.budget, allow_zero=False))
+        object.__setattr__(self, "window", _check_size("window", self.window, allow_zero=False))
         if self.recent is not None:
-            _check_size("recent", self.recent, allow_zero=True)
-        _check_non_negative("decode_n", self.decode_n)
-        if isinstance(self.min_prompt, bool) or not isinstance(self.min_prompt, int):
-            _fail("min_prompt", f"must be an int >= 1, got {self.min_prompt!r}", TypeError)
-        if self.min_prompt < 1:
-            _fail("min_prompt", f"must be an int >= 1, got {self.min_prompt!r}")
+            object.__setattr__(self, "recent", _check_size("recent", self.recent, allow_zero=True))
+        object.__setattr__(self, "decode_n", _check_non_negative("decode_n", self.decode_n))
+        min_prompt = as_int(self.min_prompt)
+        if isinstance(min_prompt, bool) or not isinstance(min_prompt, int):
+            _fail("min_prompt", f"must be an int >= 1, got {min_prompt!r}", TypeError)
+        if min_prompt < 1:
+            _fail("min_prompt", f"must be an int >= 1, got {min_prompt!r}")
+        object.__setattr__(self, "min_prompt", min_prompt)
         if self.layers is not None:
             layers = self.layers
             if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
                 _fail("layers", f"must be a sequence of layer indices or None, got {layers!r}", TypeError)
-            layers = tuple(layers)
+            layers = tuple(as_int(idx) for idx in layers)
             for idx in layers:
                 if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
                     _fail("layers", f"must hold ints >= 0, got {idx!r} in {layers!r}")

@@ -25,6 +25,7 @@ from typing import ClassVar, Dict, NamedTuple, Optional, Tuple, Type
 
 import torch
 
+from ...ops.checks import as_int
 from ..budget import RowPlan
 
 
@@ -142,19 +143,22 @@ def resolve_policy(policy) -> Policy:
 
 
 def check_int(policy: Policy, field: str, low: int) -> None:
-    """Raise unless `policy.field` is an int >= low (a bool is not an int here)."""
-    value = getattr(policy, field)
+    """Raise unless `policy.field` is an int >= low (a bool is not an int here; a numpy
+    integer is, and is stored as a plain int)."""
+    value = as_int(getattr(policy, field))
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{type(policy).__name__}.{field} must be an int >= {low}, got {value!r}")
     if value < low:
         raise ValueError(f"{type(policy).__name__}.{field} must be an int >= {low}, got {value!r}")
+    object.__setattr__(policy, field, value)  # policies are frozen dataclasses
 
 
 def check_pool(policy: Policy) -> None:
-    """`policy.pool`: an odd int >= 1 (1 = no pooling; pooling keeps the length)."""
-    value = policy.pool
+    """`policy.pool`: an odd int >= 1 (1 = no pooling; pooling keeps the length), stored as a plain int."""
+    value = as_int(policy.pool)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{type(policy).__name__}.pool must be an odd int >= 1, got {value!r}")
     if value < 1 or value % 2 == 0:
         raise ValueError(f"{type(policy).__name__}.pool must be an odd int >= 1 (1 = no pooling; pooling keeps the "
                          f"length), got {value!r}")
+    object.__setattr__(policy, "pool", value)

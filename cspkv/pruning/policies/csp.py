@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops
+from ...ops.checks import as_real
 from ..budget import RowPlan
 from .base import Policy, ScoreInputs, Scores, check_pool, register_policy
 
@@ -75,7 +76,7 @@ class CSP(Policy):
     splits_cross_self = True
 
     def __post_init__(self) -> None:
-        ratio = self.cross_ratio
+        ratio = self.cross_ratio if isinstance(self.cross_ratio, str) else as_real(self.cross_ratio)
         expected = f"CSP.cross_ratio must be a number in [0, 1] or 'auto', got {ratio!r}"
         if isinstance(ratio, str):
             if ratio != "auto":
@@ -84,10 +85,14 @@ class CSP(Policy):
             raise TypeError(expected)
         elif not (math.isfinite(ratio) and 0.0 <= ratio <= 1.0):
             raise ValueError(expected)
-        if isinstance(self.n, bool) or not isinstance(self.n, (int, float)):
-            raise TypeError(f"CSP.n must be a number >= 0, got {self.n!r}")
-        if not (math.isfinite(self.n) and self.n >= 0):
-            raise ValueError(f"CSP.n must be a finite number >= 0, got {self.n!r}")
+        n = as_real(self.n)
+        if isinstance(n, bool) or not isinstance(n, (int, float)):
+            raise TypeError(f"CSP.n must be a number >= 0, got {n!r}")
+        if not (math.isfinite(n) and n >= 0):
+            raise ValueError(f"CSP.n must be a finite number >= 0, got {n!r}")
+        # Frozen: numpy scalars are stored as the plain numbers they stand for.
+        object.__setattr__(self, "cross_ratio", ratio)
+        object.__setattr__(self, "n", n)
         check_pool(self)
 
     def plan(self, plan: RowPlan, real_ids: torch.Tensor) -> RowPlan:
