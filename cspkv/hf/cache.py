@@ -274,14 +274,20 @@ class PrunedLayer(DynamicLayer):
         self.logical_len -= remove
 
 
-_LAYER_TYPES = (DynamicLayer, DynamicSlidingWindowLayer, PrunedLayer)
+try:  # transformers 5.x: the cache layer of a decoder layer with no cache of its own (Gemma 4's KV-sharing consumers)
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # 4.57
+    DummyLayer = None
+
+_LAYER_TYPES = (DynamicLayer, DynamicSlidingWindowLayer, PrunedLayer) + (() if DummyLayer is None else (DummyLayer,))
 
 
 def check_cache(cache) -> None:
     """Raise a TypeError, before any work, for a cache cspkv cannot prune.
 
     None (no cache, or one created by the model) and a `DynamicCache` whose
-    layers are plain dynamic, sliding-window or pruned layers are accepted.
+    layers are plain dynamic, sliding-window or pruned layers (and, in 5.x, the empty
+    `DummyLayer` of a layer that stores nothing) are accepted.
     """
     if cache is None:
         return

@@ -222,3 +222,4 @@ from . import llava  # noqa: E402,F401
 from . import qwen2_vl  # noqa: E402,F401
 from . import gemma3  # noqa: E402,F401
 from . import idefics3  # noqa: E402,F401
+from . import gemma4  # noqa: E402,F401
