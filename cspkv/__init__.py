@@ -23,11 +23,12 @@ __all__ = [
     "ops", "reference", "__version__", "CSPConfig",
     "Policy", "ScoreInputs", "Scores", "CSP", "SnapKV", "H2O", "StreamingLLM", "Random",
     "register_policy", "registered_policies",
-    "patch", "unpatch", "patched", "modalities", "stats",
+    "patch", "unpatch", "patched", "modalities", "stats", "compress",
 ]
 
 try:
     from .hf.api import modalities, patch, patched, stats, unpatch
+    from .hf.context import compress
 except ImportError as _exc:  # transformers missing: the ops and the pruning still work
     if not (_exc.name or "").startswith("transformers"):
         raise
@@ -36,4 +37,4 @@ except ImportError as _exc:  # transformers missing: the ops and the pruning sti
     def _needs_transformers(*args, **kwargs):
         raise ImportError(f"cspkv's patching API needs transformers (pip install 'cspkv[hf]'): {_reason}")
 
-    modalities = patch = patched = stats = unpatch = _needs_transformers
+    modalities = patch = patched = stats = unpatch = compress = _needs_transformers

@@ -187,7 +187,7 @@ def test_speculative_decoding_prunes_the_prompt_and_crops_rejected_drafts(mode):
     model = tiny_model()
     ids = _lookup_prompt(96, seed=10)
     extra = {"assistant_model": tiny_model(layers=1, seed=3)} if mode == "assistant_model" else {"prompt_lookup_num_tokens": 4}
-    with cspkv.patched(model, budget=0.5, window=24, min_prompt=8) as handle:
+    with cspkv.patched(model, budget=0.5, window=24) as handle:  # min_prompt 32: a draft chunk (<= 21) is never pruned
         out = generate(model, ids, new=12, **extra)
     assert out.sequences.shape[1] == 96 + 12
     assert handle.stats()["pruned_layers"] == 2
@@ -303,7 +303,7 @@ def test_modality_ids_of_the_prompt_broadcast_over_generate_expansion(expansion)
             torch.manual_seed(0)
             with cspkv.modalities(model, given):
                 runs.append(generate(model, ids, mask, new=6, **expansion))
-        with pytest.raises(ValueError, match=r"\[6, 40\] \(or \[6 / k, 40\] when generate\(\) expands each row k times"):
+        with pytest.raises(ValueError, match=r"\[6, 40\], got \[2, 39\] \(or \[6 / k, 40\] when generate\(\) expands"):
             with cspkv.modalities(model, segments[:, :39]):
                 generate(model, ids, mask, new=2, num_beams=3)
     assert torch.equal(runs[0].sequences, runs[1].sequences)

@@ -147,18 +147,25 @@ class PrunedLayer(DynamicLayer):
     pruned_len : C, stored prompt slots.
     croppable : the last prompt positions that every row and KV head stores, in order, as its
         last prompt slots (the recent window): with the appended tokens, what `crop` can remove.
+    slot_mod : int32 [B, Hkv, C], the modality id of each stored prompt slot (-1 dead), for
+        pruning the layer again; tokens appended after them are text unless a later chunk is
+        pruned (it records its own).
+    decode_queries : [B, H, n, D], the queries of the latest n decoded tokens (the last n slots),
+        kept for decode-time compression (`CSPConfig.decode_budget`); None otherwise.
     """
 
     is_sliding = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, logical_len: int, liveness: Liveness,
-                 croppable: int = 0):
+                 croppable: int = 0, slot_mod: Optional[torch.Tensor] = None):
         super().__init__()
         self.keys, self.values = keys, values
         self.kv_valid = kv_valid
         self.logical_len = int(logical_len)
         self.pruned_len = keys.shape[-2]
         self.croppable = min(int(croppable), self.pruned_len)
+        self.slot_mod = slot_mod
+        self.decode_queries: Optional[torch.Tensor] = None
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self._liveness = liveness
@@ -201,6 +208,26 @@ class PrunedLayer(DynamicLayer):
         live = None if chunk_live is None else chunk_live(t, self.logical_len + t, self.kv_valid.device)
         store.append(self, n, key_states, value_states, live)
 
+    def slot_modalities(self, last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """int32 [B, Hkv, S]: each stored slot's modality id, -1 at dead slots; the prompt slots'
+        from `slot_mod`, appended ones text (0), the last slots `last` [B, T] if given."""
+        B, Hkv, S = self.kv_valid.shape
+        ids = torch.zeros(B, Hkv, S, dtype=torch.int32, device=self.kv_valid.device)
+        if self.slot_mod is not None:
+            ids[..., : self.slot_mod.shape[-1]] = self.slot_mod
+        if last is not None:
+            ids[..., S - last.shape[-1]:] = last[:, None, :].to(ids)
+        return ids.masked_fill_(~self.kv_valid, -1)
+
+    def replace_slots(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, slot_mod: torch.Tensor,
+                      croppable: int) -> None:
+        """After pruning again: the stored slots are these (the logical length does not change)."""
+        self.keys, self.values, self.kv_valid = keys, values, kv_valid
+        self.pruned_len = keys.shape[-2]
+        self.croppable = min(int(croppable), self.pruned_len)
+        self.slot_mod = slot_mod
+        self._store = None
+
     def get_seq_length(self) -> int:
         """The logical length: prompt tokens before pruning plus appended tokens."""
         return self.logical_len
@@ -215,14 +242,17 @@ class PrunedLayer(DynamicLayer):
         self._store = None
         self.logical_len = 0
         self.pruned_len = self.croppable = 0
+        self.slot_mod = self.decode_queries = None
         self.is_initialized = False
 
     def _select_rows(self, select) -> None:
-        """Replace keys, values and kv_valid by `select(tensor)` of each (new tensors, no free slots)."""
+        """Replace keys, values, kv_valid and the per-row extras by `select(tensor)` of each (new
+        tensors, no free slots)."""
         if self.keys is not None and self.keys.numel():
             self.keys, self.values = select(self.keys), select(self.values)
-            if self.kv_valid is not None:
-                self.kv_valid = select(self.kv_valid)
+            for name in ("kv_valid", "slot_mod", "decode_queries"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, select(getattr(self, name)))
             self._store = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -261,6 +291,9 @@ class PrunedLayer(DynamicLayer):
         from_prompt = max(0, remove - appended)
         self.pruned_len -= from_prompt
         self.croppable -= from_prompt
+        if self.slot_mod is not None:
+            self.slot_mod = self.slot_mod[..., : self.pruned_len]
+        self.decode_queries = None  # no longer the queries of the last slots
         n = self.keys.shape[-2] - remove
         store = self._store
         if store is not None and store.writable_for(self):

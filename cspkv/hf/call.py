@@ -96,6 +96,16 @@ class CallContext:
             self._ids = mask_padding(ids.long(), mask)
         return self._ids
 
+    def real_lengths(self, batch: int, total: int) -> List[int]:
+        """Real tokens per row among the call's `total` logical positions: from a 2-D mask of that
+        length (read on the host), else all of them."""
+        mask = self.attention_mask
+        if mask is None or mask.dim() != 2 or mask.shape[1] != total:
+            return [total] * batch
+        self.start_host_copies()
+        host_mask = self._host.get()[1]
+        return [int(n) for n in (host_mask != 0).sum(dim=1).tolist()]
+
     def prepared(self, batch: int, length: int, device: torch.device):
         """(k_mod, q_mod) int32 on `device` and the row plans.
 

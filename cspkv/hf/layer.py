@@ -34,7 +34,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .. import ops
 from ..ops.profiling import Timer
-from ..pruning import prune_layer
+from ..pruning import budget as budget_mod
+from ..pruning import prune_layer, prune_stored
 from . import cache as cache_mod
 from . import prefill_lse
 from .call import CallContext
@@ -175,7 +176,15 @@ class LayerPatch:
         # type(), not isinstance(): cache layers derive from an ABC, whose isinstance costs a decode step host time.
         if type(layer) is cache_mod.PrunedLayer and layer.is_pruned:
             self._check_supported(kwargs, dropout)
-            return self._attend_pruned(layer, query, key, value, scaling)
+            output = self._attend_pruned(layer, query, key, value, scaling)
+            config = self.handle.config
+            if query.shape[-2] > 1:
+                layer.decode_queries = None
+                if config.later_prefill != "off" and query.shape[-2] >= config.min_prompt:
+                    self._prune_again(layer, query, key, value, scaling)
+            elif config.decode_budget is not None:
+                self._compress_decoded(layer, query, key, value, scaling)
+            return output
         prefill = (
             layer is not None
             and type(layer) in (DynamicLayer, cache_mod.PrunedLayer)
@@ -257,10 +266,9 @@ class LayerPatch:
             kept = prune_layer(config, query, key, value, k_mod, q_mod, plans, scale=scaling, layer=self.layer_idx,
                                lse=lse, nvtx=nvtx)
             timing = timer.stop()
-        # Every row stores its last `recent` prompt positions as its last slots (a row too short to prune: all).
-        croppable = min((p.recent for p in plans if p.length > 0), default=0)
+        slot_mod = _kept_modalities(k_mod, kept)
         self.cache.layers[self.layer_idx] = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L,
-                                                                  handle.liveness, croppable)
+                                                                  handle.liveness, _croppable(plans), slot_mod)
         self.stats = LayerStats(
             self.layer_idx,
             pruned=True,
@@ -276,8 +284,73 @@ class LayerPatch:
         )
 
 
+    def _prune_again(self, layer, query, key, value, scaling) -> None:
+        """A later prompt chunk on a pruned layer (`CSPConfig.later_prefill`): scored by its own
+        window over the whole stored cache, then the chunk ("chunk") or the whole cache ("total")
+        selected again."""
+        handle, config = self.handle, self.handle.config
+        if not config.policy.prunes_stored:
+            logger.debug("cspkv: layer %d: policy %s does not prune a later chunk", self.layer_idx, config.policy.name)
+            return
+        call = handle._call
+        if call is None:
+            call = CallContext(handle, None, None, handle._modality_override)
+        B, Q, S = query.shape[0], query.shape[-2], key.shape[-2]
+        chunk_mod, q_mod, plans = call.prepared(B, Q, key.device)
+        if not any(p.pruned for p in plans):
+            return
+        keep_before = S - Q
+        if config.later_prefill == "total":
+            keep_before = 0
+            totals = call.real_lengths(B, layer.logical_len)
+            plans = [budget_mod.whole_cache_plan(config, p, total, S) for p, total in zip(plans, totals)]
+        timer = Timer(key.device)
+        slot_mod = layer.slot_modalities(chunk_mod)
+        kept = prune_stored(config, query, key, value, slot_mod, q_mod, plans, scale=scaling, layer=self.layer_idx,
+                            keep_before=keep_before)
+        timing = timer.stop()
+        before = _nbytes(key) + _nbytes(value)
+        layer.replace_slots(kept.keys, kept.values, kept.keep_valid, _kept_modalities(slot_mod, kept), _croppable(plans))
+        self.stats = LayerStats(
+            self.layer_idx, pruned=True, reason=None, prompt_len=Q, kept=kept.keys.shape[-2],
+            kept_per_row=[p.budget for p in plans], kv_bytes_before=before,
+            kv_bytes_after=_nbytes(kept.keys) + _nbytes(kept.values), device=str(key.device),
+            scoring=f"later chunk ({config.later_prefill})", timing=timing,
+        )
+
+    def _compress_decoded(self, layer, query, key, value, scaling) -> None:
+        """Decode-time compression (`CSPConfig.decode_budget`): remember the latest decoded
+        tokens' queries; once the layer stores `decode_budget + decode_interval` slots, select
+        `decode_budget` of them again with those queries as the window."""
+        config = self.handle.config
+        window = config.decode_window
+        ring = layer.decode_queries
+        ring = query if ring is None else torch.cat([ring[:, :, 1 - window:] if window > 1 else ring[:, :, :0], query], 2)
+        layer.decode_queries = ring
+        S = key.shape[-2]
+        if S < config.decode_budget + config.decode_interval or ring.shape[2] < window or not config.policy.prunes_stored:
+            return
+        slot_mod = layer.slot_modalities()
+        plans = [budget_mod.decode_plan(config, slot_mod[b, 0]) for b in range(key.shape[0])]
+        q_mod = torch.zeros(key.shape[0], window, dtype=torch.int32, device=key.device)  # decoded tokens: text
+        kept = prune_stored(config, ring, key, value, slot_mod, q_mod, plans, scale=scaling, layer=self.layer_idx)
+        layer.replace_slots(kept.keys, kept.values, kept.keep_valid, _kept_modalities(slot_mod, kept), window)
+        self.stats.decode_compressions = (self.stats.decode_compressions or 0) + 1
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _croppable(plans) -> int:
+    """Every row stores its last `recent` prompt positions as its last slots (a row too short to prune: all)."""
+    return min((p.recent for p in plans if p.length > 0), default=0)
+
+
+def _kept_modalities(slot_mod: torch.Tensor, kept) -> torch.Tensor:
+    """int32 [B, Hkv, K]: the modality id of each kept slot (-1 dead); `slot_mod` [B, L] or [B, Hkv, L]."""
+    if slot_mod.dim() == 2:
+        slot_mod = slot_mod[:, None, :].expand(kept.keep_idx.shape[0], kept.keep_idx.shape[1], -1)
+    return slot_mod.to(torch.int32).gather(2, kept.keep_idx).masked_fill_(~kept.keep_valid, -1)
 
 
 def _has_streams(device: torch.device) -> bool:

@@ -22,7 +22,9 @@ class LayerStats:
     kv_bytes_before, kv_bytes_after : the layer's key + value bytes before and after.
     device : where the cache lives.
     scoring : for policies that score with window attention, "one pass (...)" when the
-        prefill attention's log-sum-exp was used, else "two passes: <why not>".
+        prefill attention's log-sum-exp was used, else "two passes: <why not>"; "later chunk
+        (chunk|total)" when the last pruning was of a later prompt chunk.
+    decode_compressions : how often decode-time compression selected the cache again.
     timing : what `Timer.stop` returned around the pruning (resolved as prune_ms in `as_dict`).
     """
 
@@ -36,6 +38,7 @@ class LayerStats:
     kv_bytes_after: Optional[int] = None
     device: Optional[str] = None
     scoring: Optional[str] = None
+    decode_compressions: Optional[int] = None
     timing: Any = field(default=None, repr=False)
 
     def as_dict(self) -> dict:

@@ -3,7 +3,7 @@ policies, selection and compaction, joined in one `prune_layer`."""
 
 from .budget import RowPlan, plan_batch, window_query_ids
 from .config import CSPConfig
-from .pipeline import PrunedKV, prune_layer, score_layer, select_and_compact
+from .pipeline import PrunedKV, prune_layer, prune_stored, score_layer, select_and_compact
 
-__all__ = ["CSPConfig", "RowPlan", "plan_batch", "window_query_ids", "PrunedKV", "prune_layer", "score_layer",
+__all__ = ["CSPConfig", "RowPlan", "plan_batch", "window_query_ids", "PrunedKV", "prune_layer", "prune_stored", "score_layer",
            "select_and_compact"]

@@ -11,7 +11,7 @@ does not own as padding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, List, Sequence
 
 import torch
@@ -108,3 +108,21 @@ def has_dead_slots(plans: Sequence[RowPlan]) -> bool:
     """
     K = max(p.budget for p in plans)
     return any(p.budget < K or p.length < p.budget for p in plans)
+
+
+def whole_cache_plan(config: "CSPConfig", chunk: RowPlan, total: int, slots: int) -> RowPlan:
+    """`CSPConfig.later_prefill="total"`: the plan of a row whose whole stored cache (`slots` per
+    KV head) is selected again after a later chunk planned as `chunk`, down to `budget` of the row's
+    `total` real tokens; the window and recent tokens stay the chunk's."""
+    if not chunk.pruned:
+        return replace(chunk, budget=min(chunk.budget, slots), recent=min(chunk.recent, slots))
+    kept = min(slots, max(1, token_count(config.budget, total)))
+    return replace(chunk, length=total, budget=kept, recent=min(chunk.recent, kept))
+
+
+def decode_plan(config: "CSPConfig", slot_ids: torch.Tensor) -> RowPlan:
+    """`CSPConfig.decode_budget`: the plan of a row whose stored cache is selected again during
+    generation; `slot_ids` [S] are one KV head's slot modality ids (-1 dead), read on the host."""
+    real = slot_ids[slot_ids >= 0].cpu()
+    plan = RowPlan(real.numel(), config.decode_budget, config.decode_window, config.decode_window, 0.0, True)
+    return config.policy.plan(plan, real)

@@ -23,6 +23,9 @@ from .policies import Policy, resolve_policy
 
 Size = Union[float, int]
 
+#: What a later prompt chunk on a pruned layer does (`CSPConfig.later_prefill`).
+LATER_PREFILL = ("chunk", "total", "off")
+
 
 def _fail(field: str, message: str, kind: type = ValueError) -> None:
     raise kind(f"CSPConfig.{field} {message}")
@@ -101,6 +104,27 @@ class CSPConfig:
         on a CPU, or when an attention module is called outside its model.
         Off by default: it did not shorten the time to first token on the GPU
         run of benchmarks/results/gpu-check-h200.md.
+    later_prefill : "chunk", "total" or "off", default "chunk"
+        A later prompt chunk of at least `min_prompt` tokens on a pruned layer (a
+        second chat turn with a new document or image) is pruned too, scored by
+        its own observation window (the chunk's last `window` tokens) over the
+        whole stored cache. ``"chunk"``: the chunk keeps `budget` of its own
+        length and the earlier cache stays as it was; ``"total"``: the whole
+        cache is selected again down to `budget` of its total length;
+        ``"off"``: only the first prefill is pruned. Modality ids come from the
+        chunk's own input ids (or `cspkv.modalities` ids of the chunk's shape).
+    decode_budget : int >= 1 or None, default None (off)
+        Compression during generation: when a pruned layer stores
+        `decode_budget + decode_interval` slots per row and KV head, it selects
+        `decode_budget` of them again, with the latest `decode_window` decoded
+        tokens' queries as the window (they are kept as its recent tokens), and
+        compacts in place. Stored length stays below `decode_budget +
+        decode_interval` however long the generation.
+    decode_interval : int >= 1, default 64
+        Tokens a layer may grow past `decode_budget` before it is compacted.
+    decode_window : int >= 1, default 16
+        Latest decoded tokens whose queries score the cache at a decode-time
+        compression (at most `decode_budget`).
     **policy_fields
         Shorthand for the policy's own fields: ``CSPConfig(cross_ratio=0.5)`` is
         ``CSPConfig(policy=CSP(cross_ratio=0.5))``.
@@ -120,6 +144,10 @@ class CSPConfig:
     policy: Union[str, Policy] = "csp"
     prefill_lse: bool = True
     overlap_pruning: bool = False
+    later_prefill: str = "chunk"
+    decode_budget: Optional[int] = None
+    decode_interval: int = 64
+    decode_window: int = 16
 
     def __post_init__(self) -> None:
         # Frozen: normalised values are stored with object.__setattr__.
@@ -149,6 +177,20 @@ class CSPConfig:
         for field in ("prefill_lse", "overlap_pruning"):
             if not isinstance(getattr(self, field), bool):
                 _fail(field, f"must be a bool, got {getattr(self, field)!r}", TypeError)
+        if self.later_prefill not in LATER_PREFILL:
+            _fail("later_prefill", f"must be one of {', '.join(map(repr, LATER_PREFILL))}, got {self.later_prefill!r}")
+        for field in ("decode_budget", "decode_interval", "decode_window"):
+            value = as_int(getattr(self, field))
+            object.__setattr__(self, field, value)
+            if value is None and field == "decode_budget":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                _fail(field, f"must be an int >= 1{' or None' if field == 'decode_budget' else ''}, got {value!r}", TypeError)
+            if value < 1:
+                _fail(field, f"must be an int >= 1, got {value!r}")
+        if self.decode_budget is not None and self.decode_window > self.decode_budget:
+            _fail("decode_window", f"must be at most decode_budget={self.decode_budget} (the window's tokens are kept), "
+                  f"got {self.decode_window}")
 
     def replace(self, **overrides) -> "CSPConfig":
         """A copy with `overrides` applied (validated again): fields of the config or, as in the

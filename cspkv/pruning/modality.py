@@ -50,8 +50,9 @@ def fit_to_prompt(modality_ids: torch.Tensor, batch: int, length: int) -> torch.
     if L == length and B > 0 and batch % B == 0:
         return modality_ids.repeat_interleave(batch // B, dim=0)
     raise ValueError(
-        f"cspkv.modalities: modality_ids must have the prompt's shape [B, L] = [{batch}, {length}] (or [{batch} / k, "
-        f"{length}] when generate() expands each row k times for beams or num_return_sequences), got {list(modality_ids.shape)}"
+        f"cspkv.modalities: modality_ids must have the prompt's shape [B, L] = [{batch}, {length}], got "
+        f"{list(modality_ids.shape)} (or [{batch} / k, {length}] when generate() expands each row k times for beams "
+        "or num_return_sequences)"
     )
 
 

@@ -25,11 +25,13 @@ from .selection import select
 class PrunedKV:
     """A layer's kept cache: keys and values [B, Hkv, K, D], ascending by position within each
     (row, KV head); `keep_valid` bool [B, Hkv, K] False at dead slots (padding, or the filler of
-    a row that keeps fewer tokens than the batch's largest budget, zeroed)."""
+    a row that keeps fewer tokens than the batch's largest budget, zeroed); `keep_idx` int64
+    [B, Hkv, K] the slot each came from."""
 
     keys: torch.Tensor
     values: torch.Tensor
     keep_valid: torch.Tensor
+    keep_idx: torch.Tensor
 
 
 def score_layer(config: CSPConfig, inputs: ScoreInputs, *, nvtx: bool = False) -> Scores:
@@ -50,7 +52,7 @@ def select_and_compact(scores: Scores, keys: torch.Tensor, values: torch.Tensor,
         keep_idx, keep_valid = select(scores.primary, cross, k_mod, plans)
     with NvtxRange("cspkv::compact", nvtx):
         keys_c, values_c = compact(keys, values, keep_idx, keep_valid if has_dead_slots(plans) else None)
-    return PrunedKV(keys_c, values_c, keep_valid)
+    return PrunedKV(keys_c, values_c, keep_valid, keep_idx)
 
 
 def prune_layer(config: CSPConfig, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -69,3 +71,54 @@ def prune_layer(config: CSPConfig, query: torch.Tensor, keys: torch.Tensor, valu
     """
     scores = score_layer(config, ScoreInputs(query, keys, q_mod, k_mod, scale, layer, lse), nvtx=nvtx)
     return select_and_compact(scores, keys, values, k_mod, plans, nvtx=nvtx)
+
+
+def prune_stored(config: CSPConfig, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 slot_mod: torch.Tensor, q_mod: torch.Tensor, plans: Sequence[RowPlan], *, scale: float, layer: int = 0,
+                 keep_before: int = 0) -> PrunedKV:
+    """Prune an already pruned cache again: a later prompt chunk, or a cache grown by decoding.
+
+    The slots hold tokens in position order but, after an earlier pruning, not the same tokens in
+    every KV head, so each (row, KV head) is scored as a batch row of its own (the KV head's G query
+    heads with it). The queries are the tokens of the last Q slots (a chunk's, or the latest
+    decoded ones'), so the window-query / key causality of `ops.window_scores` holds.
+    Scores cost one gather of the keys more than at the first prefill (see the comment inside).
+
+    Parameters
+    ----------
+    query : [B, H, Q, D] the queries of the last Q slots; keys, values [B, Hkv, S, D].
+    slot_mod : int [B, Hkv, S] each slot's modality id, -1 at dead slots.
+    q_mod : int [B, W] the window queries' ids (`budget.window_query_ids` of the last Q tokens).
+    plans : one `RowPlan` per batch row (budget, recent, cross ratio of the selection).
+    keep_before : slots before it are kept as they are and not selectable (a later chunk pruned on
+        its own budget); 0 re-selects among all slots.
+
+    Returns
+    -------
+    PrunedKV of the whole new cache (kept earlier slots first), its `keep_idx` indexing `keys`.
+    """
+    B, H, Q, D = query.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    rows = B * Hkv
+    # Dead slots (padding, fillers) can sit between live ones; scored with the live slots in their
+    # order and the dead ones first, as in a left-padded prompt, a policy that pools along the keys
+    # pools a row's neighbours alone or in a batch alike. A slot's own score does not depend on
+    # the order, only pooling does.
+    order = torch.sort((slot_mod >= 0).to(torch.int8), dim=-1, stable=True).indices.reshape(rows, S)
+    keys_in_order = keys.reshape(rows, S, keys.shape[3]).gather(1, order[..., None].expand(-1, -1, keys.shape[3]))
+    inputs = ScoreInputs(query.reshape(rows, H // Hkv, Q, D), keys_in_order[:, None],
+                         q_mod.repeat_interleave(Hkv, dim=0), slot_mod.reshape(rows, S).gather(1, order), scale, layer)
+    scores = Scores(*(None if t is None else torch.empty_like(t).scatter_(2, order[:, None, :], t)
+                      for t in score_layer(config, inputs)))
+    # Only the slots from keep_before on are selectable: select among them, then put the earlier ones first.
+    eligible = slot_mod.reshape(rows, S)[:, keep_before:]
+    primary = scores.primary[..., keep_before:]
+    cross = scores.cross[..., keep_before:] if scores.cross is not None else torch.zeros_like(primary)
+    keep_idx, keep_valid = select(primary, cross, eligible, [plan for plan in plans for _ in range(Hkv)])
+    keep_idx, keep_valid = keep_idx.reshape(B, Hkv, -1) + keep_before, keep_valid.reshape(B, Hkv, -1)
+    if keep_before:
+        earlier = torch.arange(keep_before, device=keep_idx.device).expand(B, Hkv, keep_before)
+        keep_idx = torch.cat([earlier, keep_idx], dim=-1)
+        keep_valid = torch.cat([slot_mod[..., :keep_before] >= 0, keep_valid], dim=-1)
+    keys_c, values_c = compact(keys, values, keep_idx, keep_valid)
+    return PrunedKV(keys_c, values_c, keep_valid, keep_idx)

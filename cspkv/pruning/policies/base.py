@@ -84,11 +84,14 @@ class Policy:
     uses_prefill_lse : the scores are window attention, so they can take the prefill
         attention's log-sum-exp (`ScoreInputs.lse`) and save a pass over the keys.
     splits_cross_self : `score` returns a cross ranking that gets its own share of the budget.
+    prunes_stored : the scores need only the window's queries, so a pruned cache can be scored
+        again (a later prompt chunk, decode-time compression; `pipeline.prune_stored`).
     """
 
     name: ClassVar[str] = ""
     uses_prefill_lse: ClassVar[bool] = False
     splits_cross_self: ClassVar[bool] = False
+    prunes_stored: ClassVar[bool] = True
 
     def score(self, inputs: ScoreInputs) -> Scores:
         raise NotImplementedError(f"{type(self).__name__} must implement score(inputs) -> Scores")

@@ -21,7 +21,8 @@ class H2O(Policy):
     are all kept, as for every policy here). The L x L scores run as
     ``ops.window_scores`` calls over blocks of `chunk` queries (exact: block queries
     sit at their own positions), so memory stays O(chunk x L) even on the reference
-    path.
+    path. A pruned cache is not scored again (later prompt chunks and decode-time
+    compression need every position's query).
 
     Parameters
     ----------
@@ -31,6 +32,7 @@ class H2O(Policy):
     chunk: int = 1024
 
     name = "h2o"
+    prunes_stored = False  # the queries of every position are gone once the prompt is pruned
 
     def __post_init__(self) -> None:
         check_int(self, "chunk", 1)
