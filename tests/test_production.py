@@ -175,7 +175,7 @@ def test_speculative_decoding_at_full_budget_is_the_unpatched_model(mode):
     model = tiny_model()
     reference = twin(model)
     ids = _lookup_prompt(48, seed=9)
-    extra = {"assistant_model": tiny_model(layers=1, seed=3)} if mode == "assistant_model" else {"prompt_lookup_num_tokens": 4}
+    extra = {"assistant_model": tiny_model(layers=1, seed=3)} if mode == "assistant_model" else {"prompt_lookup_num_tokens": 4, "eos_token_id": 2}  # 4.57: lookup needs an eos id
     ref = generate(reference, ids, new=10, **extra)
     with cspkv.patched(model, budget=1.0):
         out = generate(model, ids, new=10, **extra)
@@ -186,7 +186,7 @@ def test_speculative_decoding_at_full_budget_is_the_unpatched_model(mode):
 def test_speculative_decoding_prunes_the_prompt_and_crops_rejected_drafts(mode):
     model = tiny_model()
     ids = _lookup_prompt(96, seed=10)
-    extra = {"assistant_model": tiny_model(layers=1, seed=3)} if mode == "assistant_model" else {"prompt_lookup_num_tokens": 4}
+    extra = {"assistant_model": tiny_model(layers=1, seed=3)} if mode == "assistant_model" else {"prompt_lookup_num_tokens": 4, "eos_token_id": 2}  # 4.57: lookup needs an eos id
     with cspkv.patched(model, budget=0.5, window=24) as handle:  # min_prompt 32: a draft chunk (<= 21) is never pruned
         out = generate(model, ids, new=12, **extra)
     assert out.sequences.shape[1] == 96 + 12

@@ -60,6 +60,10 @@ class PatchHandle:
         self._hooks: list = []
         self._local = threading.local()  # the current thread's call and explicit modality ids
         self._side_streams: Dict[torch.device, "torch.cuda.Stream"] = {}  # CSPConfig.overlap_pruning
+        # torch.compile: the module whose call is open and the pruning deferred to its end (LayerPatch._later);
+        # plain attributes, as dynamo cannot trace a threading.local
+        self.compiled_owner: Optional[nn.Module] = None
+        self.deferred: list = []
         self.removed = False
 
     @property
@@ -85,6 +89,13 @@ class PatchHandle:
         return next(i for i, owner in enumerate(self.owners) if owner is module)
 
     def _pre_hook(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile: the call opens outside the graph (a graph break at the top
+            # model's call, before its forward); the text model's hooks inside it then have nothing to do.
+            return None if self.compiled_owner is not None else _open_call_eagerly(self, module, args, kwargs)
+        return self._open_call(module, args, kwargs)
+
+    def _open_call(self, module, args, kwargs):
         call = self._call
         # The text model inside the top model's call joins that call. Any other entry opens a new
         # call: a module is never called inside itself, so an open call of the same (or an inner)
@@ -103,15 +114,28 @@ class PatchHandle:
                 fit_to_prompt(override, prompt.shape[0], prompt.shape[1])
         self._call = call = CallContext(self, input_ids, attention_mask, override, owner=module)
         self.liveness.chunk_live = call.chunk_live
+        self.liveness.compiled_mask = call.attention_mask
+        self.compiled_owner = module
+        self.deferred.clear()  # left over from an interrupted compiled call
         if prefill:  # the first pruned layer will need them
             call.start_host_copies()
         return None
 
     def _post_hook(self, module, args, kwargs, output):
+        if torch.compiler.is_compiling():
+            return _close_call_eagerly(self, module, args, kwargs, output) if self.compiled_owner is module else None
+        return self._close_call(module, args, kwargs, output)
+
+    def _close_call(self, module, args, kwargs, output):
         call = self._call
         if call is not None and call.owner is module:
-            call.join()
-            self._call = self.liveness.chunk_live = None
+            try:
+                deferred, self.deferred = self.deferred, []
+                for step, step_args in deferred:  # the pruning of compiled code (LayerPatch._later)
+                    step(*step_args)
+            finally:
+                call.join()
+                self._call = self.liveness.chunk_live = self.liveness.compiled_mask = self.compiled_owner = None
         return None
 
     # -- copies
@@ -125,8 +149,9 @@ class PatchHandle:
         clone.liveness.active = self.liveness.active
         clone._local = threading.local()
         clone._side_streams = {}
+        clone.compiled_owner, clone.deferred = None, []
         for name, value in self.__dict__.items():
-            if name not in ("liveness", "_local", "_side_streams"):
+            if name not in ("liveness", "_local", "_side_streams", "compiled_owner", "deferred"):
                 setattr(clone, name, copy.deepcopy(value, memo))
         return clone
 
@@ -150,7 +175,8 @@ class PatchHandle:
         self.liveness.active = False
         if self._call is not None:
             self._call.join()
-        self._call = self.liveness.chunk_live = None
+        self._call = self.liveness.chunk_live = self.liveness.compiled_mask = self.compiled_owner = None
+        self.deferred = []
         self.removed = True
         if getattr(self.model, "_cspkv_handle", None) is self:
             del self.model._cspkv_handle
@@ -181,6 +207,11 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "removed" if self.removed else f"{len(self.layers)} layers"
         return f"PatchHandle({type(self.model).__name__}, {state}, {self.config})"
+
+
+# What a hook traced by torch.compile runs outside the graph (PatchHandle._pre_hook / _post_hook).
+_open_call_eagerly = torch.compiler.disable(PatchHandle._open_call)
+_close_call_eagerly = torch.compiler.disable(PatchHandle._close_call)
 
 
 @functools.lru_cache(maxsize=64)

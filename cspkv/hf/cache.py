@@ -43,13 +43,18 @@ class Liveness:
 
     A copy of a pruned cache (``copy.deepcopy``, transformers' prefix-caching recipe) keeps the
     link to the patch: this object is shared, not copied.
+
+    `compiled_mask` is the call's 2-D attention mask (or None) for code compiled by torch.compile,
+    which cannot trace a threading.local nor call `chunk_live` without graph breaks: a plain
+    attribute, so compiled code of one patched model must not run in two threads at once.
     """
 
-    __slots__ = ("active", "_local")
+    __slots__ = ("active", "_local", "compiled_mask")
 
     def __init__(self) -> None:
         self.active = True
         self._local = threading.local()
+        self.compiled_mask: Optional[torch.Tensor] = None
 
     @property
     def chunk_live(self):
@@ -200,6 +205,9 @@ class PrunedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            self._append_traced(key_states, value_states)
+            return
         n, t = self.keys.shape[2], key_states.shape[2]
         store = self._store
         if store is None or not store.writable_for(self) or n + t > store.key_slots.shape[2]:
@@ -207,6 +215,23 @@ class PrunedLayer(DynamicLayer):
         chunk_live = self._liveness.chunk_live
         live = None if chunk_live is None else chunk_live(t, self.logical_len + t, self.kv_valid.device)
         store.append(self, n, key_states, value_states, live)
+
+    def _append_traced(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """`_append` in code compiled by torch.compile: concatenations (the compiler plans the
+        memory), no store, no call into the extension and no threading.local, which dynamo
+        cannot trace without graph breaks. The padding of the new chunk, as `Liveness.chunk_live`
+        tells it, is read from `Liveness.compiled_mask`."""
+        t = key_states.shape[2]
+        mask = self._liveness.compiled_mask
+        B, H = self.kv_valid.shape[:2]
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == self.logical_len + t:
+            live = mask[:, None, -t:].to(device=self.kv_valid.device, dtype=torch.bool).expand(B, H, t)
+        else:
+            live = torch.ones(B, H, t, dtype=torch.bool, device=self.kv_valid.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.kv_valid = torch.cat([self.kv_valid, live], dim=-1)
+        self._store = None
 
     def slot_modalities(self, last: Optional[torch.Tensor] = None) -> torch.Tensor:
         """int32 [B, Hkv, S]: each stored slot's modality id, -1 at dead slots; the prompt slots'

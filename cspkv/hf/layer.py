@@ -86,6 +86,14 @@ class _CapturingForward:
                 cache = args[patch.cache_position]
         if cache is not None and not isinstance(cache, DynamicCache):
             cache_mod.check_cache(cache)
+        if torch.compiler.is_compiling():  # dynamo cannot trace a threading.local: see LayerPatch.cache
+            patch.compiled_cache = cache
+            try:
+                if patch.instance_forward is not None:
+                    return patch.instance_forward(*args, **kwargs)
+                return type(patch.module).forward(patch.module, *args, **kwargs)
+            finally:
+                patch.compiled_cache = None
         local = patch._local
         local.cache = cache
         try:
@@ -104,6 +112,7 @@ class LayerPatch:
         self.layer_idx = layer_idx
         self.module = module
         self._local = threading.local()  # the cache of the current thread's call in flight
+        self.compiled_cache = None  # the same, in code compiled by torch.compile (see `cache`)
         self.original_config = module.config
         # A config class that keeps transformers' `_attn_implementation` property has the name in its
         # fields: read there, it skips the config's __getattribute__ overrides (several us a layer and token).
@@ -117,7 +126,13 @@ class LayerPatch:
 
     @property
     def cache(self):
-        """The cache of the current thread's call in flight, or None."""
+        """The cache of the current thread's call in flight, or None.
+
+        In code compiled by torch.compile (which cannot trace a threading.local) it is a plain
+        attribute, set for the duration of the module's call: compiled code of one patched model
+        must not run in two threads at once."""
+        if torch.compiler.is_compiling():
+            return self.compiled_cache
         return getattr(self._local, "cache", None)
 
     def __deepcopy__(self, memo) -> "LayerPatch":
@@ -181,9 +196,9 @@ class LayerPatch:
             if query.shape[-2] > 1:
                 layer.decode_queries = None
                 if config.later_prefill != "off" and query.shape[-2] >= config.min_prompt:
-                    self._prune_again(layer, query, key, value, scaling)
+                    self._later(self._prune_again, layer, query, key, value, scaling)
             elif config.decode_budget is not None:
-                self._compress_decoded(layer, query, key, value, scaling)
+                self._later(self._compress_decoded, layer, query, key, value, scaling)
             return output
         prefill = (
             layer is not None
@@ -199,16 +214,28 @@ class LayerPatch:
                     "patched model pass use_cache=False (the layers then run their own attention), or unpatch it"
                 )
         config = self.handle.config
-        capture = prefill_lse.Capture() if prefill and config.prefill_lse and config.policy.uses_prefill_lse else None
+        capture = None
+        if prefill and config.prefill_lse and config.policy.uses_prefill_lse and not torch.compiler.is_compiling():
+            capture = prefill_lse.Capture()
         with capture if capture is not None else _NO_CONTEXT:
             output = self.original_attention()(
                 self.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         if prefill:
-            self._prune(layer, query, key, value, scaling, capture)
+            self._later(self._prune, layer, query, key, value, scaling, capture, self.cache)
         elif layer is not None and key.shape[-2] == query.shape[-2]:
             self._skip(f"its cache layer is a {type(layer).__name__}", key.shape[-2])
         return output
+
+    def _later(self, step, *args) -> None:
+        """Run a pruning step (`_prune`, `_prune_again`, `_compress_decoded`) now; in code compiled
+        by torch.compile, which could not trace it without graph breaks, after the model's forward:
+        the layer's output does not depend on it, and the call's end (`PatchHandle._post_hook`,
+        run outside the compiled code) runs `handle.deferred` in order."""
+        if torch.compiler.is_compiling():
+            self.handle.deferred.append((step, args))
+        else:
+            step(*args)
 
     def _check_supported(self, kwargs, dropout) -> None:
         if kwargs.get("sliding_window") is not None:
@@ -232,7 +259,7 @@ class LayerPatch:
         self.stats = LayerStats(self.layer_idx, reason=reason, prompt_len=length)
         logger.debug("cspkv: layer %d not pruned: %s", self.layer_idx, reason)
 
-    def _prune(self, layer, query, key, value, scaling, capture: Optional[prefill_lse.Capture]) -> None:
+    def _prune(self, layer, query, key, value, scaling, capture: Optional[prefill_lse.Capture], cache=None) -> None:
         handle, config = self.handle, self.handle.config
         call = handle._call
         if call is None:  # the attention module was called outside the model's forward
@@ -267,8 +294,9 @@ class LayerPatch:
                                lse=lse, nvtx=nvtx)
             timing = timer.stop()
         slot_mod = _kept_modalities(k_mod, kept)
-        self.cache.layers[self.layer_idx] = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L,
-                                                                  handle.liveness, _croppable(plans), slot_mod)
+        cache = self.cache if cache is None else cache
+        cache.layers[self.layer_idx] = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L, handle.liveness,
+                                                             _croppable(plans), slot_mod)
         self.stats = LayerStats(
             self.layer_idx,
             pruned=True,
