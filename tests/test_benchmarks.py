@@ -1,6 +1,7 @@
 """The benchmark and profiling scripts run (CPU, smoke sizes), so they cannot rot between GPU sessions.
 
-benchmarks/quality.py --quick is exercised by tests/test_policies.py.
+benchmarks/quality.py --quick is exercised by tests/test_policies.py; here, on a tiny model, that
+its caches are those of the patched model.
 """
 
 import json
@@ -19,8 +20,9 @@ from bench_host import LAYERS  # noqa: E402  (profile_prefill's CPU model is ben
 
 
 def run_script(name, *args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))  # this checkout's cspkv, installed or not
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args], capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT)  # a hang guard, not a speed check
+                         timeout=timeout, cwd=ROOT, env=env)  # a hang guard, not a speed check
     assert out.returncode == 0, f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
@@ -84,6 +86,50 @@ def test_profile_prefill_shows_what_pruning_adds(tmp_path, extension):
     extra = [r["extra_ms"] for r in rows.values()]
     assert extra == sorted(extra, key=lambda x: -abs(x))
     assert "prefill profile" in stdout
+
+
+def test_quality_benchmark_caches_are_the_patched_models():
+    """benchmarks/quality.py prefills a prompt once, captures each layer's queries and builds every
+    configuration's cache with the library's score_layer + select_and_compact. For every line of its
+    table, that cache must hold exactly what cspkv.patched keeps, and give the same next-token
+    logits; budget 1.0 through that path must give the full cache's logits. (The start-up check
+    quality.py ran while it had its own copy of the pipeline, on a tiny Llama.)"""
+    import quality
+    import torch
+
+    import cspkv
+    from cspkv.hf.cache import PrunedLayer
+    from patch_models import prompt, tiny_model
+
+    model = tiny_model("llama", layers=2)
+    ids = prompt(160, seed=11)
+    segments = torch.cat([torch.zeros(1, 20), torch.ones(1, 100), torch.zeros(1, 40)], dim=1).long()
+    case = quality.Case(task="A", input_ids=ids, segment_ids=segments)
+    pre = quality.prefill(model, case)
+    prompt_ids, prompt_segments, last = ids[:, :-1], segments[:, :-1], ids[:, -1:]
+    for name in quality.LINES:
+        config = quality.line_config(name, 0.2)
+        mine = quality.pruned_kv(pre, config)
+        with cspkv.patched(model, config) as handle, torch.inference_mode():
+            cache = quality._dynamic_cache(model)
+            with cspkv.modalities(model, prompt_segments):
+                model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            assert [type(layer) for layer in cache.layers] == [PrunedLayer] * 2, name
+            for i, kept in enumerate(mine):
+                layer = cache.layers[i]
+                assert torch.equal(layer.keys, kept.keys) and torch.equal(layer.values, kept.values), (name, i)
+                assert torch.equal(layer.kv_valid, kept.keep_valid), (name, i)
+            theirs = model(input_ids=last, past_key_values=cache, use_cache=True).logits[:, -1]
+            ours = model(input_ids=last, past_key_values=quality.pruned_cache(model, [mine], prompt_ids.shape[1], handle.liveness),
+                         use_cache=True).logits[:, -1]
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=name)
+    everything = quality.pruned_kv(pre, cspkv.CSPConfig(window=quality.WINDOW, budget=1.0))
+    with cspkv.patched(model, cspkv.CSPConfig()) as handle, torch.inference_mode():
+        kept = model(input_ids=last, past_key_values=quality.pruned_cache(model, [everything], prompt_ids.shape[1], handle.liveness),
+                     use_cache=True).logits[:, -1]
+    with torch.inference_mode():
+        full = model(input_ids=last, past_key_values=quality._dynamic_cache(model, pre.keys, pre.values), use_cache=True).logits[:, -1]
+    torch.testing.assert_close(kept, full, rtol=1e-4, atol=1e-4)
 
 
 def test_ncu_summary_reads_a_real_report():

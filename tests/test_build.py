@@ -165,7 +165,7 @@ class _BrokenExtension(importlib.abc.MetaPathFinder):
 @pytest.fixture
 def fresh_state(monkeypatch):
     """cspkv.ops as if the extension had never been loaded (restored afterwards)."""
-    monkeypatch.setattr(cspkv.ops, "_state", cspkv.ops._initial_state())
+    monkeypatch.setattr(cspkv.ops.loading, "_state", cspkv.ops.loading._initial_state())
     return monkeypatch
 
 
@@ -192,7 +192,7 @@ def test_fallback_warns_once_naming_the_cause(fresh_state):
 
 def test_cpu_only_build_warns_once_for_cuda_tensors(fresh_state):
     cpu_only = types.SimpleNamespace(build_info=lambda: {"with_cuda": False, "cuda_archs": "", "cuda_version": "", "torch_version": torch.__version__})
-    cspkv.ops._state.update(loaded=True, ext=cpu_only, with_cuda=False)  # as extension() records it on load
+    cspkv.ops.loading._state.update(loaded=True, ext=cpu_only, with_cuda=False)  # as extension() records it on load
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert [cspkv.ops.backend("cuda") for _ in range(3)] == ["reference"] * 3

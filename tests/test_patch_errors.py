@@ -14,11 +14,14 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, StaticCache
 
 import cspkv
-from cspkv.cache import PrunedLayer
+from cspkv.hf.cache import PrunedLayer
 from patch_models import CACHE_KW, FAMILIES, cache_layer_lengths, generate, prompt, returned_cache, tiny_model, twin
 
 
 # --------------------------------------------------------------------------- CSPConfig
+
+# Fields of the default policy (cspkv.CSP) given to CSPConfig as shorthand: their errors name the policy class.
+OWNER = {"cross_ratio": "CSP", "n": "CSP", "pool": "CSP"}
 
 
 @pytest.mark.parametrize(
@@ -35,21 +38,22 @@ from patch_models import CACHE_KW, FAMILIES, cache_layer_lengths, generate, prom
     ],
 )
 def test_config_out_of_range_names_the_field(field, value):
-    with pytest.raises(ValueError, match=f"CSPConfig.{field} "):
+    with pytest.raises(ValueError, match=f"{OWNER.get(field, 'CSPConfig')}.{field} "):
         cspkv.CSPConfig(**{field: value})
 
 
 @pytest.mark.parametrize("field, value", [("budget", "20%"), ("budget", True), ("cross_ratio", None), ("min_prompt", 2.5), ("layers", 3),
-                                          ("pool", 15.0), ("pool", True), ("prefill_lse", 1), ("overlap_pruning", "yes")])
+                                          ("pool", 15.0), ("pool", True), ("pool", None), ("prefill_lse", 1),
+                                          ("overlap_pruning", "yes")])
 def test_config_wrong_type_names_the_field(field, value):
-    with pytest.raises(TypeError, match=f"CSPConfig.{field} "):
+    with pytest.raises(TypeError, match=f"{OWNER.get(field, 'CSPConfig')}.{field} "):
         cspkv.CSPConfig(**{field: value})
 
 
 def test_config_defaults_and_overrides():
     config = cspkv.CSPConfig()
-    assert (config.budget, config.window, config.recent, config.cross_ratio, config.n, config.decode_n) == (0.2, 0.1, None, 0.9, 1.0, 0.0)
-    assert (config.pool, config.pool_width) == (None, 15)
+    assert (config.budget, config.window, config.recent, config.policy.cross_ratio, config.policy.n, config.decode_n) == (0.2, 0.1, None, 0.9, 1.0, 0.0)
+    assert config.policy == cspkv.CSP() and config.policy.pool == 15
     assert config.prefill_lse is True and config.overlap_pruning is False
     assert config.replace(layers=[3, 1]).layers == (1, 3)
     with pytest.raises(TypeError, match="no field 'budjet'"):
@@ -61,7 +65,7 @@ def test_config_defaults_and_overrides():
         cspkv.patch(model, budjet=0.3)
     with pytest.raises(ValueError, match=r"CSPConfig.layers names layers \[5\]"):
         cspkv.patch(model, layers=[5])
-    with pytest.raises(ValueError, match="CSPConfig.pool does not apply to policy 'streaming'"):
+    with pytest.raises(TypeError, match="CSPConfig has no field 'pool', and policy StreamingLLM has no field 'pool'"):
         cspkv.patch(model, policy="streaming", pool=15)
     assert not hasattr(model, "_cspkv_handle")
 
@@ -212,13 +216,13 @@ def test_exception_inside_patched_forward_leaves_model_usable(monkeypatch):
     with torch.no_grad():
         expected = returned_cache(model(ids, use_cache=True))
 
-        def boom(*args, **kwargs):
+        def boom(self, inputs):
             raise RuntimeError("injected scoring failure")
 
-        monkeypatch.setattr(cspkv.policy, "score", boom)
+        monkeypatch.setattr(cspkv.CSP, "score", boom)
         with pytest.raises(RuntimeError, match="injected"):
             model(ids, use_cache=True)
-        assert handle._call is None and handle._depth == 0
+        assert handle._call is None
         assert all(p.cache is None for p in handle.layers.values())
         monkeypatch.undo()
         again = returned_cache(model(ids, use_cache=True))

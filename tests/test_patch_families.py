@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import cspkv
-from cspkv.cache import PrunedLayer
+from cspkv.hf.cache import PrunedLayer
 from patch_models import (
     CACHE_KW,
     FAMILIES,
@@ -285,22 +285,22 @@ def test_cuda_pruning_a_layer_launches_at_most_eight_kernels(monkeypatch):
     selection and the compaction; no id conversions, no zeroing."""
     from torch.profiler import ProfilerActivity, profile
 
-    patch_module = importlib.import_module("cspkv.patch")
-    score_select_compact = patch_module._LayerPatch._score_select_compact
+    layer_module = importlib.import_module("cspkv.hf.layer")
+    prune_layer = layer_module.prune_layer
     kernels, calls = [], []
 
-    def profiled(self, *args):
-        calls.append(self.layer_idx)
+    def profiled(*args, **kwargs):
+        calls.append(kwargs["layer"])
         if len(calls) != 2:
-            return score_select_compact(self, *args)
+            return prune_layer(*args, **kwargs)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            result = score_select_compact(self, *args)
+            result = prune_layer(*args, **kwargs)
             torch.cuda.synchronize()
         kernels.extend(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                        and not e.name.startswith(("Memcpy", "Memset")))
         return result
 
-    monkeypatch.setattr(patch_module._LayerPatch, "_score_select_compact", profiled)
+    monkeypatch.setattr(layer_module, "prune_layer", profiled)
     model = tiny_model("llama", layers=3).to("cuda")
     with torch.inference_mode(), cspkv.patched(model, budget=0.25, min_prompt=8):
         model(prompt(300, seed=3).cuda(), use_cache=True)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicLayer
 
 import cspkv
-from cspkv.cache import PrunedLayer
+from cspkv.hf.cache import PrunedLayer
 from patch_models import (
     CACHE_KW,
     cache_layer_lengths,
@@ -72,7 +72,8 @@ def test_beam_search():
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.3])
-def test_multi_turn_continues_the_returned_cache(budget):
+@pytest.mark.parametrize("later_prefill", ["chunk", "off"])
+def test_multi_turn_continues_the_returned_cache(budget, later_prefill):
     """A second generate() continues the returned cache with a follow-up question."""
     model = tiny_model("llama")
     never = twin(model)
@@ -87,12 +88,14 @@ def test_multi_turn_continues_the_returned_cache(budget):
         return first, second, returned_cache(second)
 
     reference = two_turns(never)
-    with cspkv.patched(model, budget=budget, min_prompt=8):
+    with cspkv.patched(model, budget=budget, min_prompt=8, later_prefill=later_prefill):
         first, second, cache = two_turns(model)
     assert isinstance(cache.layers[0], PrunedLayer)
     total = 80 + 10 + 15 + 10 - 1
     assert cache.get_seq_length() == total
-    assert cache_layer_lengths(cache)[0] == round(budget * 80) + total - 80
+    turn = 1 + 15  # the first answer's last token and the follow-up, one chunk
+    second_turn = turn if later_prefill == "off" else round(budget * turn)  # a chunk of >= min_prompt is pruned too
+    assert cache_layer_lengths(cache)[0] == round(budget * 80) + 9 + second_turn + 9
     if budget == 1.0:
         assert torch.equal(first.sequences, reference[0].sequences)
         assert torch.equal(second.sequences, reference[1].sequences)
@@ -152,18 +155,18 @@ def test_pruning_a_layer_queues_only_the_csp_ops(padded, monkeypatch):
     cspkv ops and the score pooling, nothing else, and hands the ops int32 modality ids (what the
     kernels read: int64 ids would be converted per op and layer); a padded one, whose rows keep
     dead slots, zeroes those slots too."""
-    patch_module = importlib.import_module("cspkv.patch")
+    layer_module = importlib.import_module("cspkv.hf.layer")
     model = tiny_model("llama", layers=2)
     recorded = []
-    score_select_compact = patch_module._LayerPatch._score_select_compact
+    prune_layer = layer_module.prune_layer
 
-    def recording(self, *args):
+    def recording(*args, **kwargs):
         with _TopLevelOps() as mode:
-            result = score_select_compact(self, *args)
+            result = prune_layer(*args, **kwargs)
         recorded.append(mode.calls)
         return result
 
-    monkeypatch.setattr(patch_module._LayerPatch, "_score_select_compact", recording)
+    monkeypatch.setattr(layer_module, "prune_layer", recording)
     if padded:
         ids, mask = left_pad([prompt(60, seed=41), prompt(50, seed=42)])
     else:
@@ -377,7 +380,7 @@ def test_overlapped_pruning_orders_the_streams(monkeypatch):
     stream first waits for the layer's stream and holds on to the tensors it reads (query, key,
     value, the prefill's log-sum-exp); the model's forward call ends with the layer's stream
     waiting for the side one, once, after all of them. The CUDA test compares the results."""
-    patch_module = importlib.import_module("cspkv.patch")  # `cspkv.patch` the attribute is the function
+    layer_module = importlib.import_module("cspkv.hf.layer")
 
     order = []
 
@@ -389,7 +392,7 @@ def test_overlapped_pruning_orders_the_streams(monkeypatch):
             order.append(f"{self.name} waits for {other.name}")
 
     main = Stream("main")
-    monkeypatch.setattr(patch_module, "_has_streams", lambda device: True)
+    monkeypatch.setattr(layer_module, "_has_streams", lambda device: True)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: order.append(f"on {stream.name}") or contextlib.nullcontext())

@@ -1,5 +1,6 @@
-"""Budget arithmetic and per-row selection (cspkv.policy), and the pruned
-cache layer's bookkeeping (cspkv.cache.PrunedLayer), without a model."""
+"""Budget arithmetic (cspkv.pruning.budget), CSP's scoring (cspkv.pruning.policies.csp),
+per-row selection (cspkv.pruning.selection) and compaction (cspkv.pruning.compaction), and
+the pruned cache layer's bookkeeping (cspkv.hf.cache.PrunedLayer), without a model."""
 
 from __future__ import annotations
 
@@ -9,49 +10,53 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from cspkv import ops, policy
-from cspkv.cache import Liveness, PrunedLayer, _CROP_TAKES_REMOVAL, append_reserve, check_cache, compact, stored_bytes
-from cspkv.config import CSPConfig
+import cspkv
+from cspkv import CSPConfig, ScoreInputs, ops
+from cspkv.hf.cache import Liveness, PrunedLayer, _CROP_TAKES_REMOVAL, append_reserve, check_cache, stored_bytes
+from cspkv.pruning import score_layer, selection
+from cspkv.pruning.budget import RowPlan, has_dead_slots, plan_batch, plan_row, token_count, window_query_ids
+from cspkv.pruning.compaction import compact
+from cspkv.pruning.policies.csp import auto_cross_ratio
 
 
-# --------------------------------------------------------------------------- policy
+# --------------------------------------------------------------------------- budget
 
 
 def test_token_count_rounds_half_up_and_clamps():
-    assert policy.token_count(0.2, 100) == 20
-    assert policy.token_count(0.25, 10) == 3  # 2.5 -> 3
-    assert policy.token_count(0.1, 4) == 0
-    assert policy.token_count(50, 20) == 20
-    assert policy.token_count(1.0, 37) == 37
+    assert token_count(0.2, 100) == 20
+    assert token_count(0.25, 10) == 3  # 2.5 -> 3
+    assert token_count(0.1, 4) == 0
+    assert token_count(50, 20) == 20
+    assert token_count(1.0, 37) == 37
 
 
 def test_plan_row():
     text = torch.zeros(100, dtype=torch.long)
-    plan = policy.plan_row(CSPConfig(), text)
-    assert plan == policy.RowPlan(length=100, budget=20, window=10, recent=10, cross_ratio=0.0, pruned=True)
+    plan = plan_row(CSPConfig(), text)
+    assert plan == RowPlan(length=100, budget=20, window=10, recent=10, cross_ratio=0.0, pruned=True)
     mixed = torch.cat([torch.full((10,), -1), torch.zeros(30), torch.ones(60)]).long()
-    plan = policy.plan_row(CSPConfig(budget=0.5, window=0.2, recent=4, cross_ratio=0.9, min_prompt=8), mixed)
+    plan = plan_row(CSPConfig(budget=0.5, window=0.2, recent=4, cross_ratio=0.9, min_prompt=8), mixed)
     assert (plan.length, plan.budget, plan.window, plan.recent, plan.cross_ratio) == (90, 45, 18, 4, 0.9)
     # window of 18 image (1) queries vs 30 text keys: auto = 18 * 30 / (18 * 90)
-    auto = policy.plan_row(CSPConfig(cross_ratio="auto", min_prompt=8), mixed)
+    auto = plan_row(CSPConfig(cross_ratio="auto", min_prompt=8), mixed)
     assert auto.cross_ratio == pytest.approx(30 / 90)
-    assert policy.plan_row(CSPConfig(budget=5, window=12), text).recent == 5  # recent capped at the budget
-    short = policy.plan_row(CSPConfig(min_prompt=200), text)
+    assert plan_row(CSPConfig(budget=5, window=12), text).recent == 5  # recent capped at the budget
+    short = plan_row(CSPConfig(min_prompt=200), text)
     assert not short.pruned and short.budget == 100 and short.window == 0
-    assert policy.plan_row(CSPConfig(), torch.full((5,), -1)).length == 0
+    assert plan_row(CSPConfig(), torch.full((5,), -1)).length == 0
 
 
 def test_auto_cross_ratio_formula():
     # two modalities: (Wt * Li + Wi * Lt) / (W * L)
     window = torch.tensor([0, 0, 1])
     keys = torch.tensor([0] * 6 + [1] * 4)
-    assert policy.auto_cross_ratio(window, keys) == pytest.approx((2 * 4 + 1 * 6) / (3 * 10))
+    assert auto_cross_ratio(window, keys) == pytest.approx((2 * 4 + 1 * 6) / (3 * 10))
 
 
 def test_window_query_ids_mark_foreign_queries():
     k_mod = torch.tensor([[-1, -1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1]])
-    plans = [policy.RowPlan(4, 2, 1, 1, 0.0, True), policy.RowPlan(6, 3, 3, 1, 0.5, True)]
-    assert policy.window_query_ids(k_mod, plans).tolist() == [[-1, -1, 0], [1, 1, 1]]
+    plans = [RowPlan(4, 2, 1, 1, 0.0, True), RowPlan(6, 3, 3, 1, 0.5, True)]
+    assert window_query_ids(k_mod, plans).tolist() == [[-1, -1, 0], [1, 1, 1]]
 
 
 def test_score_pooling_spreads_a_peak_to_its_neighbours():
@@ -60,16 +65,17 @@ def test_score_pooling_spreads_a_peak_to_its_neighbours():
     k_mod = torch.zeros(1, 20, dtype=torch.long)
     k_mod[0, :5] = -1
     q_mod = k_mod[:, -3:]
-    plain = policy.score(q, keys, q_mod, k_mod, scale=0.35, n=1.0)
-    pooled = policy.score(q, keys, q_mod, k_mod, scale=0.35, n=1.0, pool=5)
+    inputs = ScoreInputs(q, keys, q_mod, k_mod, 0.35)
+    plain = cspkv.CSP(n=1.0, pool=1).score(inputs)
+    pooled = cspkv.CSP(n=1.0, pool=5).score(inputs)
     for a, b in zip(plain, pooled):
         expected = torch.stack([a[..., max(0, j - 2): j + 3].amax(-1) for j in range(20)], dim=-1)
         assert torch.equal(b, expected)
-    # CSPConfig.pool: None = CSP's default width 15, 1 = off.
-    by_default = policy.scores(CSPConfig(), q, keys, q_mod, k_mod, scale=0.35)
-    for a, b in zip(by_default, policy.score(q, keys, q_mod, k_mod, scale=0.35, n=1.0, pool=15)):
+    # CSP.pool: CSP's default width 15, 1 = off.
+    by_default = score_layer(CSPConfig(), inputs)
+    for a, b in zip(by_default, cspkv.CSP(n=1.0, pool=15).score(inputs)):
         assert torch.equal(a, b)
-    for a, b in zip(policy.scores(CSPConfig(pool=1), q, keys, q_mod, k_mod, scale=0.35), plain):
+    for a, b in zip(score_layer(CSPConfig(pool=1), inputs), plain):
         assert torch.equal(a, b)
 
 
@@ -82,7 +88,7 @@ def test_score_pooling_spreads_a_peak_to_its_neighbours():
     min_prompt=st.sampled_from([1, 20]),
 )
 def test_batch_selection_equals_each_row_alone(lengths, budget, ratio, seed, min_prompt):
-    """select() on a left-padded batch keeps, per row, the tokens the row keeps alone; the plans
+    """selection.select() on a left-padded batch keeps, per row, the tokens the row keeps alone; the plans
     tell on the host whether it marked any slot dead (the compaction then skips zeroing)."""
     g = torch.Generator().manual_seed(seed)
     B, L, Hkv = len(lengths), max(lengths), 2
@@ -92,14 +98,14 @@ def test_batch_selection_equals_each_row_alone(lengths, budget, ratio, seed, min
     self_s = torch.rand(B, Hkv, L, generator=g)
     cross_s = torch.rand(B, Hkv, L, generator=g)
     config = CSPConfig(budget=budget, cross_ratio=ratio, min_prompt=min_prompt)
-    plans = policy.plan_batch(config, k_mod)
-    keep_idx, keep_valid = policy.select(self_s, cross_s, k_mod, plans)
-    assert policy.has_dead_slots(plans) == (not bool(keep_valid.all()))
+    plans = plan_batch(config, k_mod)
+    keep_idx, keep_valid = selection.select(self_s, cross_s, k_mod, plans)
+    assert has_dead_slots(plans) == (not bool(keep_valid.all()))
     assert keep_idx.shape == (B, Hkv, max(p.budget for p in plans))
     assert bool((keep_idx[..., 1:] > keep_idx[..., :-1]).all())
     for b, n in enumerate(lengths):
         pad = L - n
-        plan = policy.plan_row(config, k_mod[b, pad:])
+        plan = plan_row(config, k_mod[b, pad:])
         alone_idx, alone_valid = ops.select_keep(
             self_s[b:b + 1, :, pad:], cross_s[b:b + 1, :, pad:], k_mod[b:b + 1, pad:],
             budget=plan.budget, recent=plan.recent, cross_ratio=plan.cross_ratio,
@@ -109,7 +115,7 @@ def test_batch_selection_equals_each_row_alone(lengths, budget, ratio, seed, min
             assert in_batch.tolist() == alone_idx[0, h][alone_valid[0, h]].tolist()
 
 
-# --------------------------------------------------------------------------- PrunedLayer
+# --------------------------------------------------------------------------- PrunedLayer (cspkv.hf.cache)
 
 
 def _layer(B=2, Hkv=2, C=5, D=4, L=12):

@@ -17,10 +17,9 @@ import torch
 import transformers
 
 import cspkv
-import cspkv.models
-import cspkv.policy
-from cspkv.cache import PrunedLayer
-from cspkv.modality import IMAGE, TEXT, VIDEO
+import cspkv.hf.models
+from cspkv.hf.cache import PrunedLayer
+from cspkv.pruning.modality import IMAGE, TEXT, VIDEO
 from patch_models import CACHE_KW, cache_bytes, generate, returned_cache
 from vlm_models import (
     END_TOKEN,
@@ -57,7 +56,7 @@ class Positions:
     """Records the position ids every rotary embedding of the text model receives."""
 
     def __init__(self, model) -> None:
-        decoder = cspkv.models.adapter_for(model).decoder(model)
+        decoder = cspkv.hf.models.adapter_for(model).decoder(model)
         rotaries = [m for name, m in decoder.named_children() if name.startswith("rotary_emb")]
         assert rotaries, f"no rotary embedding under {type(decoder).__name__}"
         self.seen = []
@@ -156,17 +155,17 @@ def test_pruned_generate(name, attn):
 @pytest.mark.parametrize("name", NAMES)
 def test_only_the_language_model_is_patched(name):
     model = tiny_vlm(name)
-    adapter = cspkv.models.adapter_for(model)
+    adapter = cspkv.hf.models.adapter_for(model)
     assert adapter.tested and adapter.name != "generic decoder layout"
     decoder = adapter.decoder(model)
-    text_layers = cspkv.models.text_config(model).num_hidden_layers
+    text_layers = cspkv.hf.models.text_config(model).num_hidden_layers
     modules = adapter.attention_modules(model)
     assert [idx for idx, _ in modules] == list(range(text_layers))
     owned = {id(m) for m in decoder.modules()}
     assert all(id(attn) in owned for _, attn in modules)
     # The bare *Model (no LM head) has its own layout path.
     bare = model.model
-    assert [attn for _, attn in cspkv.models.adapter_for(bare).attention_modules(bare)] == [attn for _, attn in modules]
+    assert [attn for _, attn in cspkv.hf.models.adapter_for(bare).attention_modules(bare)] == [attn for _, attn in modules]
     with cspkv.patched(model, budget=0.3) as handle:
         patched = {name for name, m in model.named_modules() if "_cspkv_layer" in m.__dict__}
         assert len(patched) == len(handle.layers) == text_layers - len(FAMILIES[name].skipped)
@@ -184,17 +183,17 @@ def test_image_tokens_are_modality_one(name, monkeypatch):
     markers = torch.isin(ids, torch.tensor([START_TOKEN, END_TOKEN]))
     assert bool((expected[markers] == TEXT).all())
 
-    adapter = cspkv.models.adapter_for(model)
+    adapter = cspkv.hf.models.adapter_for(model)
     assert torch.equal(adapter.modality_ids(model, ids, tuple(ids.shape), torch.device("cpu")), expected)
 
     seen = []
-    score = cspkv.policy.score
+    score = cspkv.CSP.score
 
-    def capture(q, keys, q_mod, k_mod, **kwargs):
-        seen.append(k_mod.clone())
-        return score(q, keys, q_mod, k_mod, **kwargs)
+    def capture(self, inputs):
+        seen.append(inputs.k_mod.clone())
+        return score(self, inputs)
 
-    monkeypatch.setattr(cspkv.policy, "score", capture)
+    monkeypatch.setattr(cspkv.CSP, "score", capture)
     with torch.no_grad(), cspkv.patched(model, budget=0.3, min_prompt=8) as handle:
         model(**inputs, use_cache=True)
     assert len(seen) == len(handle.layers)
@@ -244,8 +243,8 @@ def test_qwen_video_tokens_are_modality_two(name, monkeypatch):
     assert sorted(expected.unique().tolist()) == [TEXT, IMAGE, VIDEO]
 
     seen = []
-    score = cspkv.policy.score
-    monkeypatch.setattr(cspkv.policy, "score", lambda q, k, qm, km, **kw: seen.append(km.clone()) or score(q, k, qm, km, **kw))
+    score = cspkv.CSP.score
+    monkeypatch.setattr(cspkv.CSP, "score", lambda self, inputs: seen.append(inputs.k_mod.clone()) or score(self, inputs))
     reference = _generate(model, inputs, new=8)
     assert bool((model.model.rope_deltas != 0).all())  # real 3-D positions, not the text-only fallback
     with cspkv.patched(model, budget=1.0, min_prompt=8):
@@ -268,10 +267,10 @@ def test_gemma3_text_only_model(monkeypatch):
     with cspkv.patched(model, budget=1.0, min_prompt=8):
         assert torch.equal(generate(model, ids, new=8).sequences, reference.sequences)
     scales = []
-    score = cspkv.policy.score
-    monkeypatch.setattr(cspkv.policy, "score", lambda *a, scale, **kw: scales.append(scale) or score(*a, scale=scale, **kw))
+    score = cspkv.CSP.score
+    monkeypatch.setattr(cspkv.CSP, "score", lambda self, inputs: scales.append(inputs.scale) or score(self, inputs))
     with torch.no_grad(), cspkv.patched(model, budget=0.25, min_prompt=8) as handle:
-        assert cspkv.models.adapter_for(model).name == "Gemma 3"
+        assert cspkv.hf.models.adapter_for(model).name == "Gemma 3"
         assert list(handle.skipped) == [0] and list(handle.layers) == [1]
         out = model(ids, use_cache=True)
         cache = returned_cache(out)

@@ -1,4 +1,4 @@
-"""Baseline policies (cspkv.baselines via CSPConfig.policy): each against an
+"""Baseline policies (cspkv.pruning.policies via CSPConfig.policy): each against an
 independent restatement of what its paper keeps, then all of them through a
 patched tiny model (exact budget, never padding, budget 1.0 is lossless), and
 the quality benchmark's --quick run on the real SmolLM2 model."""
@@ -14,20 +14,23 @@ import pytest
 import torch
 
 import cspkv
-from cspkv import baselines, policy
-from cspkv.config import POLICIES, CSPConfig
+from cspkv import H2O, CSPConfig, ScoreInputs, SnapKV
+from cspkv.pruning import pipeline, score_layer, selection
+from cspkv.pruning.budget import plan_batch, plan_row, window_query_ids
 
 from patch_models import generate, left_pad, prompt, returned_cache, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POLICIES = cspkv.registered_policies()
 
 
 def _keep(config: CSPConfig, q, keys, k_mod, *, layer: int = 0):
-    """keep_idx, keep_valid of `config` for one layer, as patch.py computes them."""
-    plans = policy.plan_batch(config, k_mod)
-    q_mod = policy.window_query_ids(k_mod, plans)
-    self_scores, cross_scores = policy.scores(config, q, keys, q_mod, k_mod, scale=q.shape[-1] ** -0.5, layer=layer)
-    return policy.select(self_scores, cross_scores, k_mod, plans), plans
+    """keep_idx, keep_valid of `config` for one layer, as cspkv.pruning.pipeline computes them."""
+    plans = plan_batch(config, k_mod)
+    q_mod = window_query_ids(k_mod, plans)
+    scores = score_layer(config, ScoreInputs(q, keys, q_mod, k_mod, q.shape[-1] ** -0.5, layer))
+    cross = scores.cross if scores.cross is not None else torch.zeros_like(scores.primary)  # as select_and_compact
+    return selection.select(scores.primary, cross, k_mod, plans), plans
 
 
 def _qk(B=1, H=4, Hkv=2, L=60, D=16, seed=0):
@@ -55,45 +58,51 @@ def _top(scores_row: torch.Tensor, candidates: torch.Tensor, k: int) -> set:
 
 
 def test_config_validates_the_policy_fields():
-    assert CSPConfig().policy == "csp" and set(POLICIES) == {"csp", "snapkv", "h2o", "streaming", "random"}
-    with pytest.raises(ValueError, match="CSPConfig.policy"):
+    assert CSPConfig().policy == cspkv.CSP() and CSPConfig().policy.name == "csp"
+    assert POLICIES == ("csp", "snapkv", "h2o", "streaming", "random")
+    with pytest.raises(ValueError, match="CSPConfig.policy must be one of 'csp', .* or a cspkv.Policy instance"):
         CSPConfig(policy="snap")
-    with pytest.raises(ValueError, match="CSPConfig.pool .*odd"):
+    with pytest.raises(ValueError, match="SnapKV.pool .*odd"):
         CSPConfig(policy="snapkv", pool=4)
-    with pytest.raises(ValueError, match="CSPConfig.pool "):
+    with pytest.raises(ValueError, match="SnapKV.pool "):
         CSPConfig(policy="snapkv", pool=0)
-    with pytest.raises(ValueError, match="CSPConfig.sinks"):
-        CSPConfig(sinks=-1)
-    with pytest.raises(TypeError, match="CSPConfig.seed"):
-        CSPConfig(seed=1.5)
-    with pytest.raises(TypeError, match="CSPConfig.sinks"):
-        CSPConfig(sinks=True)
+    with pytest.raises(ValueError, match="StreamingLLM.sinks"):
+        CSPConfig(policy="streaming", sinks=-1)
+    with pytest.raises(TypeError, match="Random.seed"):
+        CSPConfig(policy="random", seed=1.5)
+    with pytest.raises(TypeError, match="StreamingLLM.sinks"):
+        CSPConfig(policy="streaming", sinks=True)
+    with pytest.raises(TypeError, match="CSPConfig has no field 'sinks', and policy CSP has no field 'sinks'"):
+        CSPConfig(sinks=4)  # a field of another policy
 
 
 def test_pool_defaults_per_policy_and_no_pool_for_the_others():
-    assert CSPConfig().pool is None and CSPConfig().pool_width == 15
-    assert CSPConfig(policy="snapkv").pool_width == 7
-    assert CSPConfig(pool=1).pool_width == 1 and CSPConfig(policy="snapkv", pool=3).pool_width == 3
+    assert CSPConfig().policy.pool == 15 and cspkv.CSP().pool == 15
+    assert CSPConfig(policy="snapkv").policy.pool == 7 and SnapKV().pool == 7
+    assert CSPConfig(pool=1).policy.pool == 1 and CSPConfig(policy="snapkv", pool=3).policy.pool == 3
+    classes = {"h2o": "H2O", "streaming": "StreamingLLM", "random": "Random"}
     for name in ("h2o", "streaming", "random"):
-        assert CSPConfig(policy=name).pool_width == 1
+        assert not hasattr(CSPConfig(policy=name).policy, "pool")
         for value in (1, 5):
-            with pytest.raises(ValueError, match=f"CSPConfig.pool does not apply to policy '{name}'"):
+            with pytest.raises(TypeError, match=f"CSPConfig has no field 'pool', and policy {classes[name]} has no field 'pool'"):
                 CSPConfig(policy=name, pool=value)
-    with pytest.raises(ValueError, match="CSPConfig.pool does not apply to policy 'h2o'"):
-        CSPConfig(pool=15).replace(policy="h2o")
-    with pytest.raises(TypeError, match="CSPConfig.pool "):
+    # Switching policy takes the new policy's defaults: CSP's pool does not follow it.
+    assert CSPConfig(pool=15).replace(policy="h2o").policy == H2O()
+    with pytest.raises(TypeError, match="CSP.pool "):
         CSPConfig(pool=True)
+    with pytest.raises(TypeError, match="CSP.pool "):
+        CSPConfig(pool=None)  # no longer "the policy's default"
 
 
 def test_baseline_plans_use_one_ranking():
     mixed = torch.tensor([0] * 50 + [1] * 50)
     for name in ("snapkv", "h2o", "random"):
-        plan = policy.plan_row(CSPConfig(policy=name, cross_ratio=0.9), mixed)
+        plan = plan_row(CSPConfig(cross_ratio=0.9).replace(policy=name), mixed)
         assert plan.cross_ratio == 0.0 and (plan.budget, plan.recent) == (20, 10)
-    assert policy.plan_row(CSPConfig(cross_ratio=0.9), mixed).cross_ratio == 0.9
-    plan = policy.plan_row(CSPConfig(policy="streaming", sinks=4), mixed)
+    assert plan_row(CSPConfig(cross_ratio=0.9), mixed).cross_ratio == 0.9
+    plan = plan_row(CSPConfig(policy="streaming", sinks=4), mixed)
     assert (plan.budget, plan.recent) == (20, 16)
-    assert policy.plan_row(CSPConfig(policy="streaming", sinks=30), mixed).recent == 0
+    assert plan_row(CSPConfig(policy="streaming", sinks=30), mixed).recent == 0
 
 
 # --------------------------------------------------------------------------- each policy
@@ -127,8 +136,9 @@ def test_snapkv_pools_its_scores():
     L, W = 60, 6
     q, keys = _qk(L=L, seed=2)
     k_mod = torch.zeros(1, L, dtype=torch.long)
-    raw = baselines.snapkv_ranking(q, keys, k_mod[:, -W:], k_mod, scale=0.25, pool=1)
-    pooled = baselines.snapkv_ranking(q, keys, k_mod[:, -W:], k_mod, scale=0.25, pool=5)
+    inputs = ScoreInputs(q, keys, k_mod[:, -W:], k_mod, 0.25)
+    raw = SnapKV(pool=1).score(inputs).primary
+    pooled = SnapKV(pool=5).score(inputs).primary
     padded = torch.nn.functional.pad(raw, (2, 2))
     expected = sum(padded[..., i:i + L] for i in range(5)) / 5
     torch.testing.assert_close(pooled, expected)
@@ -138,20 +148,20 @@ def test_h2o_accumulates_the_attention_of_every_prompt_query():
     L = 70
     q, keys = _qk(L=L, seed=3)
     k_mod = torch.zeros(1, L, dtype=torch.long)
-    ranking = baselines.h2o_ranking(q, keys, k_mod, scale=16 ** -0.5, chunk=16)  # 5 blocks, one partial
+    ranking = H2O(chunk=16).score(ScoreInputs(q, keys, k_mod[:, -1:], k_mod, 16 ** -0.5)).primary  # 5 blocks, one partial
     torch.testing.assert_close(ranking, _causal_softmax_mass(q, keys, 0), rtol=1e-4, atol=1e-5)
     # each query row sums to 1 per head: the total mass is L queries x G heads per KV head
     assert torch.allclose(ranking.sum(-1), torch.full((1, 2), float(L * 2)), rtol=1e-4)
     with pytest.raises(ValueError, match="every prompt position"):
-        baselines.h2o_ranking(q[:, :, -5:], keys, k_mod, scale=0.25)
+        H2O().score(ScoreInputs(q[:, :, -5:], keys, k_mod[:, -1:], k_mod, 0.25))
 
 
 def test_h2o_ignores_padding_queries_and_keys():
     q, keys = _qk(L=40, seed=4)
     k_mod = torch.zeros(1, 40, dtype=torch.long)
     k_mod[0, :10] = -1
-    ranking = baselines.h2o_ranking(q, keys, k_mod, scale=0.25, chunk=7)
-    alone = baselines.h2o_ranking(q[:, :, 10:], keys[:, :, 10:], k_mod[:, 10:], scale=0.25)
+    ranking = H2O(chunk=7).score(ScoreInputs(q, keys, k_mod[:, -1:], k_mod, 0.25)).primary
+    alone = H2O().score(ScoreInputs(q[:, :, 10:], keys[:, :, 10:], k_mod[:, -1:], k_mod[:, 10:], 0.25)).primary
     assert (ranking[..., :10] == 0).all()
     torch.testing.assert_close(ranking[..., 10:], alone, rtol=1e-4, atol=1e-5)
 
@@ -182,14 +192,14 @@ def test_random_is_seeded_per_layer_and_keeps_the_recent_window():
 
 def _kept_by_layer(monkeypatch):
     seen = []
-    original = policy.select
+    original = pipeline.select  # cspkv.pruning.selection.select, as the pipeline imported it
 
     def spy(self_scores, cross_scores, k_mod, plans):
         out = original(self_scores, cross_scores, k_mod, plans)
         seen.append((out, k_mod.clone(), list(plans)))
         return out
 
-    monkeypatch.setattr(policy, "select", spy)
+    monkeypatch.setattr(pipeline, "select", spy)
     return seen
 
 
@@ -256,6 +266,6 @@ def test_quality_benchmark_quick(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for ext in ("md", "json", "png"):
         assert (tmp_path / f"quality.{ext}").stat().st_size > 0
-    assert "equivalence check: ok" in result.stdout
+    assert "\ntargets:\n" in result.stdout  # it checked its targets (its cache == cspkv.patched's: tests/test_benchmarks.py)
     report = (tmp_path / "quality.md").read_text()
     assert "| csp pool=1 |" in report and "| csp |" in report  # the default (pooled) and the unpooled CSP lines

