@@ -86,22 +86,16 @@ class _CapturingForward:
                 cache = args[patch.cache_position]
         if cache is not None and not isinstance(cache, DynamicCache):
             cache_mod.check_cache(cache)
-        if torch.compiler.is_compiling():  # dynamo cannot trace a threading.local: see LayerPatch.cache
-            patch.compiled_cache = cache
-            try:
-                if patch.instance_forward is not None:
-                    return patch.instance_forward(*args, **kwargs)
-                return type(patch.module).forward(patch.module, *args, **kwargs)
-            finally:
-                patch.compiled_cache = None
-        local = patch._local
-        local.cache = cache
+        # dynamo cannot trace a threading.local: compiled code keeps the cache in a plain attribute
+        holder = patch if torch.compiler.is_compiling() else patch._local
+        name = "compiled_cache" if holder is patch else "cache"
+        setattr(holder, name, cache)
         try:
             if patch.instance_forward is not None:
                 return patch.instance_forward(*args, **kwargs)
             return type(patch.module).forward(patch.module, *args, **kwargs)
         finally:
-            local.cache = None
+            setattr(holder, name, None)
 
 
 class LayerPatch:
