@@ -75,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "each document is its own modality\n", flush=True)
     result = demo.run(model, case, settings, args.max_new_tokens)
 
-    full, pruned = result["full"], result["csp"]
+    full, pruned, threads = result["full"], result["csp"], torch.get_num_threads()
     rows = []
     for name, side in (("full cache", full), (f"CSP, budget {args.budget}", pruned)):
         answer = tokenizer.decode(side["tokens"], skip_special_tokens=True).strip().replace("\n", " ")
@@ -89,8 +89,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ])
     _print_table(rows, ["cache", "answer", "correct", "KV bytes", "prefill", "decode/token"])
     print(f"\nprefill: generate()'s first forward call (CSP's pruning included); decode/token: the mean of its "
-          f"{pruned['decode_steps']} later forward calls; each side after a warm-up generate(), "
-          f"{torch.get_num_threads()} threads")
+          f"{pruned['decode_steps']} later forward calls; each side after a warm-up generate(); "
+          f"{threads} torch thread{'s' if threads != 1 else ''}")
     print(f"CSP kept {result['kept']} of {L} prompt tokens per layer and KV head; "
           f"KV bytes {full['kv_bytes'] / max(pruned['kv_bytes'], 1):.1f}x smaller, "
           f"decode {full['decode_ms_per_token'] / pruned['decode_ms_per_token']:.2f}x as fast")
