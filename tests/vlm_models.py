@@ -394,7 +394,8 @@ def video_inputs(name: str, seed: int = 0, text: int = 16) -> dict:
     """Model inputs (batch 1): text, one image, text, one video, text, for the families with video
     placeholders: Qwen3-VL (2 temporal patches, each frame group between its own start/end markers
     after a timestamp token, as the processor writes them), LLaVA-OneVision (6 frames of 16x16,
-    each pooled to one token, plus a newline token) and Gemma 4 (2 frames of 16 tokens each)."""
+    each pooled to one token, plus a newline token), Gemma 4 (2 frames of 16 tokens each) and
+    Qwen2-VL / Qwen2.5-VL (2 temporal patches in one run of 32 tokens between start/end markers)."""
     g = torch.Generator().manual_seed(seed + 7)
     inputs = prompt_inputs(name, images=1, seed=seed, text=text)
     tail = torch.randint(3, TEXT_HIGH, (text,), generator=g).tolist()
@@ -403,6 +404,10 @@ def video_inputs(name: str, seed: int = 0, text: int = 16) -> dict:
         video = []
         for stamp in (301, 302):
             video += [stamp, START_TOKEN] + [VIDEO_TOKEN] * 16 + [END_TOKEN]
+        extra = {"pixel_values_videos": torch.randn(2 * 64, 3 * 2 * 4 * 4, generator=g), "video_grid_thw": torch.tensor([[2, 8, 8]])}
+    elif name.startswith("qwen2"):
+        # grid (t, h, w) = (2, 8, 8) patches, merged 2x2 in space: 32 video tokens.
+        video = [START_TOKEN] + [VIDEO_TOKEN] * 32 + [END_TOKEN]
         extra = {"pixel_values_videos": torch.randn(2 * 64, 3 * 2 * 4 * 4, generator=g), "video_grid_thw": torch.tensor([[2, 8, 8]])}
     elif name == "llava_onevision":
         video = [VIDEO_TOKEN] * 7
