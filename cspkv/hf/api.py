@@ -133,6 +133,10 @@ class PatchHandle:
                 deferred, self.deferred = self.deferred, []
                 for step, step_args in deferred:  # the pruning of compiled code (LayerPatch._later)
                     step(*step_args)
+                while call.deferred:  # what waits for every layer (CallContext.at_end), queued by the steps too
+                    deferred, call.deferred = call.deferred, []
+                    for step, step_args in deferred:
+                        step(*step_args)
             finally:
                 call.join()
                 self._call = self.liveness.chunk_live = self.liveness.compiled_mask = self.compiled_owner = None
@@ -187,7 +191,8 @@ class PatchHandle:
 
         Returns {"layers": {idx: {...}}, "skipped": {idx: reason}, "pruned_layers",
         "kv_bytes_before", "kv_bytes_after", "prune_ms"}. A pruned layer's entry has
-        prompt_len, kept (stored slots), kept_per_row, kv_bytes_before/after,
+        prompt_len, kept (stored slots), kept_per_row, kept_per_head (per row, each KV
+        head's kept tokens: they differ under ``head_allocation="adaptive"``), kv_bytes_before/after,
         prune_ms (wall time on a CPU; on a GPU the time between CUDA events around
         the layer's pruning, which with `overlap_pruning` runs on a side stream
         alongside the later layers: their sum is then more than what pruning

@@ -70,6 +70,14 @@ class CallContext:
         self.logged_short = False
         self.joins: Dict[torch.device, tuple] = {}  # device: (the layers' stream, the side stream pruning ran on)
         self._host: Optional[HostCopies] = None
+        self.deferred: list = []  # (step, args) run at the call's end (`at_end`)
+        self.scored_layers: list = []  # layers waiting for the budgets of all (CSPConfig.layer_allocation)
+
+    def at_end(self, step, *args) -> None:
+        """Run `step(*args)` at the end of the call (`PatchHandle._close_call`), after the pruning
+        deferred by compiled code: the eager side of `PatchHandle.deferred`, kept per call because
+        eager calls of one model may run in several threads at once."""
+        self.deferred.append((step, args))
 
     def start_host_copies(self) -> None:
         """Start copying the prompt's ids (given or `input_ids`) and mask to the host: called before

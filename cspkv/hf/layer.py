@@ -10,7 +10,10 @@ the call. In the cspkv attention function, for a patched layer:
   for the output (inside `prefill_lse.Capture`, which also keeps the
   log-sum-exp of an SDPA flash call), then `cspkv.pruning.prune_layer` (score,
   select, compact) and replace the cache layer by a `cache.PrunedLayer`
-  reporting the logical length;
+  reporting the logical length; with ``CSPConfig.layer_allocation="adaptive"``
+  the layer is only scored there, and every scored layer selects and compacts
+  at the end of the model's forward call (`_select_layers`), once the budgets
+  of all layers are known;
 * decode / later chunks on a pruned layer: `ops.nsoftmax_attention` over the
   stored slots with `kv_valid` (the model's mask is sized in logical positions
   and is ignored there);
@@ -25,7 +28,7 @@ import inspect
 import logging
 import sys
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -34,8 +37,10 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .. import ops
 from ..ops.profiling import Timer
+from ..pruning import allocation
 from ..pruning import budget as budget_mod
-from ..pruning import prune_layer, prune_stored
+from ..pruning import head_allocation, prune_layer, prune_stored, score_layer, select_and_compact
+from ..pruning.policies import ScoreInputs
 from . import cache as cache_mod
 from . import prefill_lse
 from .call import CallContext
@@ -270,27 +275,48 @@ class LayerPatch:
             return
 
         nvtx = handle.nvtx and device.type == "cuda"
+        # CSPConfig.layer_allocation: the budgets of the layers need every layer's scores, so this layer is scored
+        # now and selects at the call's end. A module called outside its model has no call end: it prunes alone.
+        across_layers = config.layer_allocation == "adaptive" and call is handle._call
         side = None
-        if config.overlap_pruning and _has_streams(device) and call is handle._call:
+        if config.overlap_pruning and not across_layers and _has_streams(device) and call is handle._call:
             side = call.side_stream(device)
             # Tensors of the layer's stream read on the side one: their memory is not reused before that work ran.
             for t in (query, key, value, None if capture is None else capture.lse):
                 if t is not None:
                     t.record_stream(side)
-        scoring, lse = None, None
+        scoring, lse, kept, scores = None, None, None, None
         with torch.cuda.stream(side) if side is not None else _NO_CONTEXT:
             timer = Timer(device)
             if config.policy.uses_prefill_lse:
                 lse, why = prefill_lse.window_lse(capture, scale=scaling, query=query, k_mod=k_mod, q_mod=q_mod,
                                                   plans=plans, checked_masks=call.checked_masks)
                 scoring = "one pass (log-sum-exp of the prefill attention)" if lse is not None else f"two passes: {why}"
-            kept = prune_layer(config, query, key, value, k_mod, q_mod, plans, scale=scaling, layer=self.layer_idx,
-                               lse=lse, nvtx=nvtx)
+            if across_layers:
+                scores = score_layer(config, ScoreInputs(query, key, q_mod, k_mod, scaling, self.layer_idx, lse), nvtx=nvtx)
+            else:
+                kept = prune_layer(config, query, key, value, k_mod, q_mod, plans, scale=scaling, layer=self.layer_idx,
+                                   lse=lse, nvtx=nvtx)
             timing = timer.stop()
-        slot_mod = _kept_modalities(k_mod, kept)
         cache = self.cache if cache is None else cache
-        cache.layers[self.layer_idx] = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L, handle.liveness,
-                                                             _croppable(plans), slot_mod)
+        if across_layers:
+            if not call.scored_layers:
+                call.at_end(_select_layers, call.scored_layers)
+            call.scored_layers.append(_Scored(self, cache, key, value, k_mod, plans, scores, scoring, timing))
+            return
+        self._install(cache, kept, key, value, k_mod, plans, scoring, [timing])
+
+    def _install(self, cache, kept, key, value, k_mod, plans, scoring, timings) -> None:
+        """Replace the layer's cache by the kept slots `kept` of a first prefill, and say so in its stats."""
+        L, device = key.shape[-2], key.device
+        slot_mod = _kept_modalities(k_mod, kept)
+        pruned = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L, self.handle.liveness, _croppable(plans),
+                                       slot_mod)
+        cache.layers[self.layer_idx] = pruned
+        if self.handle.config.head_allocation == "adaptive":  # read on the host already, by the allocation
+            kept_per_head = kept.keep_valid.sum(-1).tolist()
+        else:
+            kept_per_head = [[p.budget] * key.shape[1] for p in plans]
         self.stats = LayerStats(
             self.layer_idx,
             pruned=True,
@@ -298,13 +324,13 @@ class LayerPatch:
             prompt_len=L,
             kept=kept.keys.shape[-2],
             kept_per_row=[p.budget for p in plans],
+            kept_per_head=kept_per_head,
             kv_bytes_before=_nbytes(key) + _nbytes(value),
             kv_bytes_after=_nbytes(kept.keys) + _nbytes(kept.values),
             device=str(device),
             scoring=scoring,
-            timing=timing,
+            timing=timings,
         )
-
 
     def _prune_again(self, layer, query, key, value, scaling) -> None:
         """A later prompt chunk on a pruned layer (`CSPConfig.later_prefill`): scored by its own
@@ -335,7 +361,8 @@ class LayerPatch:
         layer.replace_slots(kept.keys, kept.values, kept.keep_valid, _kept_modalities(slot_mod, kept), _croppable(plans))
         self.stats = LayerStats(
             self.layer_idx, pruned=True, reason=None, prompt_len=Q, kept=kept.keys.shape[-2],
-            kept_per_row=[p.budget for p in plans], kv_bytes_before=before,
+            kept_per_row=[p.budget for p in plans], kept_per_head=[[p.budget] * key.shape[1] for p in plans],
+            kv_bytes_before=before,
             kv_bytes_after=_nbytes(kept.keys) + _nbytes(kept.values), device=str(key.device),
             scoring=f"later chunk ({config.later_prefill})", timing=timing,
         )
@@ -358,6 +385,42 @@ class LayerPatch:
         kept = prune_stored(config, ring, key, value, slot_mod, q_mod, plans, scale=scaling, layer=self.layer_idx)
         layer.replace_slots(kept.keys, kept.values, kept.keep_valid, _kept_modalities(slot_mod, kept), window)
         self.stats.decode_compressions = (self.stats.decode_compressions or 0) + 1
+
+
+class _Scored(NamedTuple):
+    """A layer scored at its prefill, waiting for the call's end to select (`_select_layers`)."""
+
+    patch: LayerPatch
+    cache: Any
+    key: torch.Tensor
+    value: torch.Tensor
+    k_mod: torch.Tensor
+    plans: list
+    scores: Any  # cspkv.pruning.policies.Scores
+    scoring: Optional[str]
+    timing: Any
+
+
+def _select_layers(scored: List[_Scored]) -> None:
+    """``CSPConfig.layer_allocation="adaptive"``, at the end of the forward call: the per-layer
+    budgets from every scored layer's scores (`allocation.layer_budgets`), then each layer's
+    selection (spread over its heads by `head_allocation`) and compaction, in layer order."""
+    if not scored:
+        return
+    config = scored[0].patch.handle.config
+    budgets = allocation.layer_budgets([s.scores for s in scored], scored[0].k_mod, scored[0].plans,
+                                       config.allocation_floor)
+    for i, s in enumerate(scored):
+        patch, device = s.patch, s.key.device
+        nvtx = patch.handle.nvtx and device.type == "cuda"
+        timer = Timer(device)
+        plans = allocation.layer_plans(s.plans, budgets[i])
+        head_budgets, cross_ratios = head_allocation(config, s.scores, s.k_mod, plans)
+        kept = select_and_compact(s.scores, s.key, s.value, s.k_mod, plans, budgets=head_budgets,
+                                  cross_ratios=cross_ratios, nvtx=nvtx)
+        patch._install(s.cache, kept, s.key, s.value, s.k_mod, plans, s.scoring, [s.timing, timer.stop()])
+    scored.clear()
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()

@@ -18,14 +18,18 @@ class LayerStats:
     layer : the decoder layer's index.
     pruned : whether the prompt's cache was pruned; if not, `reason` says why.
     prompt_len : the prompt's length L (padded batch: the longest row's).
-    kept : stored slots per (row, KV head) after pruning; kept_per_row each row's budget.
+    kept : stored slots per (row, KV head) after pruning; kept_per_row each row's budget (per KV
+        head; under ``layer_allocation="adaptive"`` this layer's); kept_per_head, per row, each KV
+        head's kept tokens (its budget; under ``head_allocation="adaptive"`` the real tokens it
+        kept, which differ between heads).
     kv_bytes_before, kv_bytes_after : the layer's key + value bytes before and after.
     device : where the cache lives.
     scoring : for policies that score with window attention, "one pass (...)" when the
         prefill attention's log-sum-exp was used, else "two passes: <why not>"; "later chunk
         (chunk|total)" when the last pruning was of a later prompt chunk.
     decode_compressions : how often decode-time compression selected the cache again.
-    timing : what `Timer.stop` returned around the pruning (resolved as prune_ms in `as_dict`).
+    timing : what `Timer.stop` returned around the pruning, or a list of such (scoring and, at the
+        call's end under ``layer_allocation="adaptive"``, selection), summed as prune_ms in `as_dict`.
     """
 
     layer: int
@@ -34,6 +38,7 @@ class LayerStats:
     prompt_len: Optional[int] = None
     kept: Optional[int] = None
     kept_per_row: Optional[List[int]] = None
+    kept_per_head: Optional[List[List[int]]] = None
     kv_bytes_before: Optional[int] = None
     kv_bytes_after: Optional[int] = None
     device: Optional[str] = None
@@ -47,7 +52,8 @@ class LayerStats:
         for them)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "timing" and (v is not None or k == "reason")}
         if self.timing is not None:
-            out["prune_ms"] = Timer.elapsed_ms(self.timing)
+            timings = self.timing if isinstance(self.timing, list) else [self.timing]
+            out["prune_ms"] = sum(Timer.elapsed_ms(t) for t in timings)
         return out
 
 

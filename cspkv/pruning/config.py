@@ -25,6 +25,8 @@ Size = Union[float, int]
 
 #: What a later prompt chunk on a pruned layer does (`CSPConfig.later_prefill`).
 LATER_PREFILL = ("chunk", "total", "off")
+#: How a budget is spread over KV heads and layers (`CSPConfig.head_allocation`, `layer_allocation`).
+ALLOCATIONS = ("uniform", "adaptive")
 
 
 def _fail(field: str, message: str, kind: type = ValueError) -> None:
@@ -125,6 +127,37 @@ class CSPConfig:
     decode_window : int >= 1, default 16
         Latest decoded tokens whose queries score the cache at a decode-time
         compression (at most `decode_budget`).
+    head_allocation : "uniform" or "adaptive", default "uniform"
+        ``"adaptive"`` (Ada-KV, arXiv 2407.11550): a row's layer budget, `Hkv`
+        times its per-head budget K, goes to the best scores of all its KV heads
+        ranked together (``primary + cross``: attention mass), above a floor per
+        head of ``max(recent, ceil(allocation_floor * K), 1)`` tokens; a head
+        keeps at most its row's real tokens. For a policy that splits cross and
+        self scores (CSP), each head's cross share is the row's cross ratio
+        scaled by the head's share of cross mass over the row's mean (clamped to
+        [0, 1]; see `cspkv.pruning.allocation.head_budgets`). Selection then runs
+        per (row, head), and heads below the layer's largest budget store dead
+        slots. Reads the budgets on the host (one sync per layer).
+    layer_allocation : "uniform" or "adaptive", default "uniform"
+        ``"adaptive"``: each row's model-wide budget, (pruned layers) x K per KV
+        head, is spread over the layers by their window scores: the slots above
+        each layer's floor (``max(recent, ceil(allocation_floor * K), 1)``) go to
+        the best values of all layers' gain curves (each layer's per-rank mean
+        over heads of its sorted scores) ranked together, so a layer whose top keys
+        hold most of its mass keeps fewer. Every layer's scores are needed before
+        any layer selects, so selection and compaction wait for the end of the
+        model's forward call: the prefill holds every layer's full cache until
+        then (the peak memory of the unpatched prefill), and pruning does not
+        overlap the prefill (`overlap_pruning` has no effect on it). With both
+        allocations adaptive, a layer's budget is then spread over its heads.
+    allocation_floor : float in [0, 1], default 0.2
+        Fraction of K every head (``head_allocation``) and every layer
+        (``layer_allocation``) keeps at least.
+
+        Both allocations need scores that are attention mass (`Policy.allocates`:
+        CSP, SnapKV, H2O; not StreamingLLM nor Random), and apply to the first
+        prefill's pruning only: later prompt chunks and decode-time compression
+        keep one budget per head and layer.
     **policy_fields
         Shorthand for the policy's own fields: ``CSPConfig(cross_ratio=0.5)`` is
         ``CSPConfig(policy=CSP(cross_ratio=0.5))``.
@@ -148,6 +181,9 @@ class CSPConfig:
     decode_budget: Optional[int] = None
     decode_interval: int = 64
     decode_window: int = 16
+    head_allocation: str = "uniform"
+    layer_allocation: str = "uniform"
+    allocation_floor: float = 0.2
 
     def __post_init__(self) -> None:
         # Frozen: normalised values are stored with object.__setattr__.
@@ -191,6 +227,20 @@ class CSPConfig:
         if self.decode_budget is not None and self.decode_window > self.decode_budget:
             _fail("decode_window", f"must be at most decode_budget={self.decode_budget} (the window's tokens are kept), "
                   f"got {self.decode_window}")
+        for field in ("head_allocation", "layer_allocation"):
+            value = getattr(self, field)
+            if value not in ALLOCATIONS:
+                _fail(field, f"must be one of {', '.join(map(repr, ALLOCATIONS))}, got {value!r}")
+            if value == "adaptive" and not self.policy.allocates:
+                _fail(field, f"is 'adaptive', which spends the budget by attention mass, but policy "
+                      f"{type(self.policy).__name__} scores no attention (its allocates is False); use 'uniform' or a "
+                      "policy that does (csp, snapkv, h2o)")
+        floor = as_real(self.allocation_floor)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+            _fail("allocation_floor", f"must be a number in [0, 1], got {floor!r}", TypeError)
+        if not (math.isfinite(floor) and 0.0 <= floor <= 1.0):
+            _fail("allocation_floor", f"must be a number in [0, 1], got {floor!r}")
+        object.__setattr__(self, "allocation_floor", float(floor))
 
     def replace(self, **overrides) -> "CSPConfig":
         """A copy with `overrides` applied (validated again): fields of the config or, as in the

@@ -2,18 +2,23 @@
 
 The patched attention (`cspkv.hf.layer`) calls `prune_layer` after a layer's
 prefill; `benchmarks/quality.py` calls the two halves, `score_layer` and
-`select_and_compact`, to reuse one layer's scores across budgets.
+`select_and_compact`, to reuse one layer's scores across budgets. Adaptive
+budgets (`CSPConfig.head_allocation`, `layer_allocation`) come from
+`cspkv.pruning.allocation`: `head_allocation` gives `select_and_compact` its
+per-(row, head) budgets and cross shares, `layer_budgets` + `layer_plans` give
+each layer its plans.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ..ops.profiling import NvtxRange
+from .allocation import head_budgets
 from .budget import RowPlan, has_dead_slots
 from .compaction import compact
 from .config import CSPConfig
@@ -44,21 +49,38 @@ def score_layer(config: CSPConfig, inputs: ScoreInputs, *, nvtx: bool = False) -
         return policy.score(inputs)
 
 
+def head_allocation(config: CSPConfig, scores: Scores, k_mod: torch.Tensor, plans: Sequence[RowPlan]
+                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(budgets int64 [B, Hkv], cross_ratios float64 [B, Hkv]) on the CPU under
+    ``config.head_allocation == "adaptive"`` (`allocation.head_budgets`), else (None, None): every
+    head keeps its row's plan."""
+    if config.head_allocation != "adaptive":
+        return None, None
+    return head_budgets(scores, k_mod, plans, config.allocation_floor, split_cross=config.policy.splits_cross_self)
+
+
 def select_and_compact(scores: Scores, keys: torch.Tensor, values: torch.Tensor, k_mod: torch.Tensor,
-                       plans: Sequence[RowPlan], *, nvtx: bool = False) -> PrunedKV:
-    """Select per row under `plans` (a single ranking selects with cross_ratio 0) and gather."""
+                       plans: Sequence[RowPlan], *, budgets: Optional[torch.Tensor] = None,
+                       cross_ratios: Optional[torch.Tensor] = None, nvtx: bool = False) -> PrunedKV:
+    """Select per row under `plans` (a single ranking selects with cross_ratio 0) and gather.
+
+    `budgets` int64 [B, Hkv] and `cross_ratios` float [B, Hkv] (CPU; `head_allocation`) replace
+    the plans' budget and cross ratio per (row, KV head); heads below the largest budget get
+    dead slots (`keep_valid` False)."""
     cross = scores.cross if scores.cross is not None else torch.zeros_like(scores.primary)
     with NvtxRange("cspkv::select", nvtx):
-        keep_idx, keep_valid = select(scores.primary, cross, k_mod, plans)
+        per_head = () if budgets is None and cross_ratios is None else (budgets, cross_ratios)  # plain: a plan per row
+        keep_idx, keep_valid = select(scores.primary, cross, k_mod, plans, *per_head)
+    uneven = budgets is not None and bool((budgets != budgets.max()).any())
     with NvtxRange("cspkv::compact", nvtx):
-        keys_c, values_c = compact(keys, values, keep_idx, keep_valid if has_dead_slots(plans) else None)
+        keys_c, values_c = compact(keys, values, keep_idx, keep_valid if uneven or has_dead_slots(plans) else None)
     return PrunedKV(keys_c, values_c, keep_valid, keep_idx)
 
 
 def prune_layer(config: CSPConfig, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 k_mod: torch.Tensor, q_mod: torch.Tensor, plans: Sequence[RowPlan], *, scale: float, layer: int = 0,
                 lse: Optional[torch.Tensor] = None, nvtx: bool = False) -> PrunedKV:
-    """Prune one layer's prompt cache.
+    """Prune one layer's prompt cache (its heads' budgets spread by `config.head_allocation`).
 
     Parameters
     ----------
@@ -70,7 +92,8 @@ def prune_layer(config: CSPConfig, query: torch.Tensor, keys: torch.Tensor, valu
     nvtx : wrap the three steps in NVTX ranges (CSPKV_NVTX=1 on a GPU).
     """
     scores = score_layer(config, ScoreInputs(query, keys, q_mod, k_mod, scale, layer, lse), nvtx=nvtx)
-    return select_and_compact(scores, keys, values, k_mod, plans, nvtx=nvtx)
+    budgets, cross_ratios = head_allocation(config, scores, k_mod, plans)
+    return select_and_compact(scores, keys, values, k_mod, plans, budgets=budgets, cross_ratios=cross_ratios, nvtx=nvtx)
 
 
 def prune_stored(config: CSPConfig, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from dataclasses import replace
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -30,14 +31,48 @@ def fill_to_budget(keep_idx: torch.Tensor, keep_valid: torch.Tensor, L: int) -> 
 
 
 def select(
-    self_scores: torch.Tensor, cross_scores: torch.Tensor, k_mod: torch.Tensor, plans: Sequence[RowPlan]
+    self_scores: torch.Tensor, cross_scores: torch.Tensor, k_mod: torch.Tensor, plans: Sequence[RowPlan],
+    budgets: Optional[torch.Tensor] = None, cross_ratios: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """keep_idx int64 [B, Hkv, K] (ascending) and keep_valid bool [B, Hkv, K], K = max row budget.
 
     One `ops.select_keep` call when every row has the same (budget, recent, cross_ratio);
     otherwise one per row, on a slice of the batch (no index tensor to send to the device), and
     the rows of smaller budgets are filled up to K with dead slots in one pass for the batch.
+
+    `budgets` int64 [B, Hkv] and `cross_ratios` float [B, Hkv] (CPU; `allocation.head_budgets`),
+    when given, replace the plans' budget and cross ratio per (row, KV head): a row whose heads
+    differ selects per head, on a slice, and K is the largest head budget.
     """
+    if budgets is None and cross_ratios is None:
+        return _select_rows(self_scores, cross_scores, k_mod, plans)
+    B, Hkv, L = self_scores.shape
+    sizes = budgets.tolist() if budgets is not None else [[p.budget] * Hkv for p in plans]
+    ratios = cross_ratios.tolist() if cross_ratios is not None else [[p.cross_ratio] * Hkv for p in plans]
+    heads = [list(zip(sizes[b], ratios[b])) for b in range(B)]
+    if all(len(set(row)) == 1 for row in heads):  # heads alike within each row: a plan per row
+        return _select_rows(self_scores, cross_scores, k_mod,
+                            [replace(p, budget=int(row[0][0]), recent=min(p.recent, int(row[0][0])), cross_ratio=float(row[0][1]))
+                             for p, row in zip(plans, heads)])
+
+    K = max(max(size) for size in sizes)
+    keep_idx = torch.full((B, Hkv, K), L, dtype=torch.int64, device=self_scores.device)  # L: not chosen
+    keep_valid = torch.zeros(B, Hkv, K, dtype=torch.bool, device=self_scores.device)
+    for b, p in enumerate(plans):
+        rows = slice(b, b + 1)
+        groups = [(slice(0, Hkv), heads[b][0])] if len(set(heads[b])) == 1 else [
+            (slice(h, h + 1), heads[b][h]) for h in range(Hkv)]
+        for at, (size, ratio) in groups:
+            idx, valid = ops.select_keep(self_scores[rows, at], cross_scores[rows, at], k_mod[rows],
+                                         budget=int(size), recent=min(p.recent, int(size)), cross_ratio=float(ratio))
+            keep_idx[b, at, :size], keep_valid[b, at, :size] = idx[0], valid[0]
+    return fill_to_budget(keep_idx, keep_valid, L)
+
+
+def _select_rows(
+    self_scores: torch.Tensor, cross_scores: torch.Tensor, k_mod: torch.Tensor, plans: Sequence[RowPlan]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`select` with one (budget, recent, cross_ratio) per row, from its plan."""
     B, Hkv, L = self_scores.shape
     if len({(p.budget, p.recent, p.cross_ratio) for p in plans}) == 1:
         p = plans[0]

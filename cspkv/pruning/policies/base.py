@@ -86,12 +86,17 @@ class Policy:
     splits_cross_self : `score` returns a cross ranking that gets its own share of the budget.
     prunes_stored : the scores need only the window's queries, so a pruned cache can be scored
         again (a later prompt chunk, decode-time compression; `pipeline.prune_stored`).
+    allocates : the scores are attention mass (sums of attention probabilities), comparable
+        across heads and layers, so ``CSPConfig(head_allocation="adaptive")`` and
+        ``layer_allocation="adaptive"`` can spend a budget by them (`pruning.allocation`).
+        A policy whose scores are ranks, positions or random draws sets it False.
     """
 
     name: ClassVar[str] = ""
     uses_prefill_lse: ClassVar[bool] = False
     splits_cross_self: ClassVar[bool] = False
     prunes_stored: ClassVar[bool] = True
+    allocates: ClassVar[bool] = True
 
     def score(self, inputs: ScoreInputs) -> Scores:
         raise NotImplementedError(f"{type(self).__name__} must implement score(inputs) -> Scores")

@@ -25,6 +25,7 @@ class Random(Policy):
     seed: int = 0
 
     name = "random"
+    allocates = False  # its scores are no attention mass: nothing to spend a budget by
 
     def __post_init__(self) -> None:
         check_int(self, "seed", 0)

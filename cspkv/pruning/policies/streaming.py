@@ -30,6 +30,7 @@ class StreamingLLM(Policy):
     sinks: int = 4
 
     name = "streaming"
+    allocates = False  # its scores are no attention mass: nothing to spend a budget by
 
     def __post_init__(self) -> None:
         check_int(self, "sinks", 0)
