@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -196,6 +197,51 @@ void check_nsoftmax_attention(const at::Tensor& q, const at::Tensor& keys, const
     TORCH_CHECK_VALUE(ok2 || ok3, "cspkv.", op, ": kv_valid must have shape [B, Lc]=[", B, ", ", Lc,
                       "] or [B, Hkv, Lc]=[", B, ", ", Hkv, ", ", Lc, "], got ", valid.sizes());
   }
+}
+
+void check_packed_attention(const at::Tensor& q, const at::Tensor& key_data, const at::Tensor& value_data,
+                            const at::Tensor& offsets, const at::Tensor& lengths, double scale, double n) {
+  const char* op = "packed_attention";
+  auto is_i64 = [](const at::Tensor& t) { return t.scalar_type() == at::kLong; };
+  check_tensor(op, "q", q, 4, "[B, H, T, D]", is_float, kFloats);
+  check_tensor(op, "key_data", key_data, 2, "[N, D]", is_float, kFloats);
+  check_tensor(op, "value_data", value_data, 2, "[N, Dv]", is_float, kFloats);
+  check_tensor(op, "offsets", offsets, 1, "[B * Hkv]", is_i64, "int64");
+  check_tensor(op, "lengths", lengths, 1, "[B * Hkv]", is_i64, "int64");
+  check_same_device(op, {{"q", &q}, {"key_data", &key_data}, {"value_data", &value_data}, {"offsets", &offsets},
+                         {"lengths", &lengths}});
+  TORCH_CHECK_TYPE(key_data.scalar_type() == q.scalar_type(), "cspkv.", op, ": key_data must have the dtype of q (",
+                   q.scalar_type(), "), got ", key_data.scalar_type());
+  TORCH_CHECK_TYPE(value_data.scalar_type() == q.scalar_type(), "cspkv.", op,
+                   ": value_data must have the dtype of q (", q.scalar_type(), "), got ", value_data.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1);
+  check_same_dim(op, "head dim D", "q", q.size(3), "key_data", key_data.size(1));
+  check_same_dim(op, "rows N", "key_data", key_data.size(0), "value_data", value_data.size(0));
+  const int64_t segments = offsets.size(0);
+  check_same_dim(op, "segments B*Hkv", "offsets", segments, "lengths", lengths.size(0));
+  TORCH_CHECK_VALUE(segments % B == 0, "cspkv.", op,
+                    ": offsets must hold B*Hkv entries (one per batch row and KV head), a multiple of B=", B,
+                    " (q), got ", segments);
+  const int64_t Hkv = segments / B;
+  TORCH_CHECK_VALUE(H % Hkv == 0, "cspkv.", op, ": query heads H=", H, " (q) must be a multiple of KV heads Hkv=",
+                    Hkv, " (offsets: B*Hkv=", segments, ")");
+  check_positive(op, "scale", scale);
+  check_non_negative(op, "n", n);
+}
+
+void check_packed_segments_cpu(const at::Tensor& offsets, const at::Tensor& lengths, int64_t N) {
+  const at::Tensor off = offsets.contiguous(), len = lengths.contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  const int64_t* l = len.data_ptr<int64_t>();
+  int64_t lo_off = o[0], lo_len = l[0], hi_end = o[0] + l[0];
+  for (int64_t s = 0; s < off.numel(); ++s) {
+    lo_off = std::min(lo_off, o[s]);
+    lo_len = std::min(lo_len, l[s]);
+    hi_end = std::max(hi_end, o[s] + l[s]);
+  }
+  TORCH_CHECK_INDEX(lo_off >= 0 && lo_len >= 0 && hi_end <= N,
+                    "cspkv.packed_attention: segments [offsets, offsets + lengths) must lie in [0, N=", N,
+                    ") with lengths >= 0, got offsets >= ", lo_off, ", lengths >= ", lo_len, ", ends up to ", hi_end);
 }
 
 }  // namespace cspkv

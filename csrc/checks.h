@@ -33,4 +33,12 @@ void check_nsoftmax_attention(const at::Tensor& q, const at::Tensor& keys,
                               const at::Tensor& values, double scale, double n,
                               const c10::optional<at::Tensor>& kv_valid);
 
+// Shapes, dtypes, devices and scalars of packed_attention (no data read).
+void check_packed_attention(const at::Tensor& q, const at::Tensor& key_data, const at::Tensor& value_data,
+                            const at::Tensor& offsets, const at::Tensor& lengths, double scale, double n);
+
+// Host-side value check of the segments for the CPU path: every [offsets, offsets + lengths)
+// inside [0, N), lengths >= 0 (reads every entry).
+void check_packed_segments_cpu(const at::Tensor& offsets, const at::Tensor& lengths, int64_t N);
+
 }  // namespace cspkv

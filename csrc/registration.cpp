@@ -33,6 +33,9 @@ TORCH_LIBRARY(cspkv, m) {
   m.def(
       "nsoftmax_attention(Tensor q, Tensor keys, Tensor values, *, float scale, float n=0.0,"
       " Tensor? kv_valid=None) -> Tensor");
+  m.def(
+      "packed_attention(Tensor q, Tensor key_data, Tensor value_data, Tensor offsets, Tensor lengths, *,"
+      " float scale, float n=0.0) -> Tensor");
 }
 
 namespace {
@@ -49,10 +52,20 @@ at::Tensor nsoftmax_attention_call(const at::Tensor& q, const at::Tensor& keys, 
   return op.call(q, keys, values, scale, n, kv_valid);
 }
 
+// cspkv::packed_attention by the same typed call: the packed layout's decode attention.
+at::Tensor packed_attention_call(const at::Tensor& q, const at::Tensor& key_data, const at::Tensor& value_data,
+                                 const at::Tensor& offsets, const at::Tensor& lengths, double scale, double n) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cspkv::packed_attention", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, double, double)>();
+  return op.call(q, key_data, value_data, offsets, lengths, scale, n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "cspkv kernels: window scores, keep selection, KV compaction, n-softmax attention";
+  m.doc() = "cspkv kernels: window scores, keep selection, KV compaction, n-softmax attention, packed attention";
   m.def("build_info", []() {
     pybind11::dict info;
 #ifdef CSPKV_WITH_CUDA
@@ -77,6 +90,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "torch.ops.cspkv.nsoftmax_attention by a typed call: the decode step's attention with less host time.",
         pybind11::arg("q"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("scale"), pybind11::arg("n"),
         pybind11::arg("kv_valid") = pybind11::none());
+  m.def("packed_attention", &packed_attention_call,
+        "torch.ops.cspkv.packed_attention by a typed call: the packed layout's decode attention.",
+        pybind11::arg("q"), pybind11::arg("key_data"), pybind11::arg("value_data"), pybind11::arg("offsets"),
+        pybind11::arg("lengths"), pybind11::arg("scale"), pybind11::arg("n"));
   m.def("store_views", &cspkv::store_views, "(keys, values, kv_valid): the first n slots of a pruned layer's store.",
         pybind11::arg("key_slots"), pybind11::arg("value_slots"), pybind11::arg("valid_slots"), pybind11::arg("n"));
   m.def("store_append", &cspkv::store_append,
@@ -84,4 +101,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bool [B, 1 or Hkv, t] if given; return store_views(n + t).",
         pybind11::arg("key_slots"), pybind11::arg("value_slots"), pybind11::arg("valid_slots"), pybind11::arg("n"),
         pybind11::arg("key_states"), pybind11::arg("value_states"), pybind11::arg("live") = pybind11::none());
+  m.def("packed_append", &cspkv::packed_append,
+        "Write new keys/values [B, Hkv, t, D] at rows offsets + lengths of each (row, KV head) segment of a packed "
+        "store [N, D], then lengths += t in place.",
+        pybind11::arg("key_data"), pybind11::arg("value_data"), pybind11::arg("offsets"), pybind11::arg("lengths"),
+        pybind11::arg("key_states"), pybind11::arg("value_states"));
 }

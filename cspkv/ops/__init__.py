@@ -11,7 +11,7 @@ bad call fails the same way under torch.compile or with meta tensors.
 
 Gradients: `compact_kv` is a gather and has one (its backward scatters the
 output gradients back to the kept rows). `window_scores` and
-`nsoftmax_attention` have none: cspkv prunes at inference, so asking for one
+`nsoftmax_attention` / `packed_attention` have none: cspkv prunes at inference, so asking for one
 (grad mode on and an input that requires grad) raises a RuntimeError on
 every backend, instead of torch's silent None. `select_keep` returns indices
 and flags, which carry no gradient: scores that require grad are fine.
@@ -27,7 +27,7 @@ from . import checks, loading, reference
 from .loading import backend, build_info, cpu_threads, extension, extension_error
 
 __all__ = [
-    "window_scores", "select_keep", "compact_kv", "nsoftmax_attention",
+    "window_scores", "select_keep", "compact_kv", "nsoftmax_attention", "packed_attention",
     "backend", "build_info", "cpu_threads", "extension", "extension_error", "reference",
 ]
 
@@ -205,6 +205,43 @@ def _nsoftmax_attention_fake(q, keys, values, *, scale, n=0.0, kv_valid=None):
     checks.nsoftmax_attention_args(q, keys, values, scale, n, kv_valid)
     B, H, Q = q.shape[0], q.shape[1], q.shape[2]
     return q.new_empty((B, H, Q, values.shape[3]))
+
+
+def packed_attention(
+    q: torch.Tensor,
+    key_data: torch.Tensor,
+    value_data: torch.Tensor,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    n: float = 0.0,
+) -> torch.Tensor:
+    """Attention over a packed cache (one segment per batch row and KV head); see
+    `cspkv.reference.packed_attention`. Called through the extension's typed binding outside
+    torch.compile, like `nsoftmax_attention`.
+
+    No gradient: raises a RuntimeError when grad mode is on and an input requires grad."""
+    if torch.is_grad_enabled():
+        _no_gradient("packed_attention", q=q, key_data=key_data, value_data=value_data)
+    plain = type(scale) is float and type(n) is float
+    if not plain:
+        scale, n = checks.as_real(scale), checks.as_real(n)
+    if isinstance(q, torch.Tensor) and backend(q.device) == "kernel":
+        if not plain and not _plain(scale, n):
+            checks.packed_attention_args(q, key_data, value_data, offsets, lengths, scale, n)
+        if torch.compiler.is_compiling():
+            return torch.ops.cspkv.packed_attention.default(q, key_data, value_data, offsets, lengths,
+                                                            scale=float(scale), n=float(n))
+        return loading._state["ext"].packed_attention(q, key_data, value_data, offsets, lengths, float(scale), float(n))
+    return reference.packed_attention(q, key_data, value_data, offsets, lengths, scale=scale, n=n)
+
+
+@_fake("cspkv::packed_attention")
+def _packed_attention_fake(q, key_data, value_data, offsets, lengths, *, scale, n=0.0):
+    checks.packed_attention_args(q, key_data, value_data, offsets, lengths, scale, n)
+    B, H, T = q.shape[0], q.shape[1], q.shape[2]
+    return q.new_empty((B, H, T, value_data.shape[1]))
 
 
 extension()  # now, not at the first op call: torch.compile cannot trace the import

@@ -235,3 +235,38 @@ def nsoftmax_attention_args(q, keys, values, scale, n, kv_valid) -> None:
             _fail(op, f"kv_valid must be a bool tensor [B, Lc] or [B, Hkv, Lc], got {got}", TypeError)
         if list(kv_valid.shape) not in ([B, Lc], [B, Hkv, Lc]):
             _fail(op, f"kv_valid must have shape [B, Lc]={[B, Lc]} or [B, Hkv, Lc]={[B, Hkv, Lc]}, got {list(kv_valid.shape)}")
+
+
+def packed_attention_args(q, key_data, value_data, offsets, lengths, scale, n) -> None:
+    """What needs no data (the fake kernel's checks); `packed_segment_values` checks the segments."""
+    op = "packed_attention"
+    tensor(op, "q", q, 4, "[B, H, T, D]", FLOAT_DTYPES)
+    tensor(op, "key_data", key_data, 2, "[N, D]", FLOAT_DTYPES)
+    tensor(op, "value_data", value_data, 2, "[N, Dv]", FLOAT_DTYPES)
+    tensor(op, "offsets", offsets, 1, "[B * Hkv]", (torch.int64,))
+    tensor(op, "lengths", lengths, 1, "[B * Hkv]", (torch.int64,))
+    same_device(op, q=q, key_data=key_data, value_data=value_data, offsets=offsets, lengths=lengths)
+    for name, t in (("key_data", key_data), ("value_data", value_data)):
+        if t.dtype != q.dtype:
+            _fail(op, f"{name} must have the dtype of q ({dtype_text(q.dtype)}), got {dtype_text(t.dtype)}", TypeError)
+    B, H, _, D = q.shape
+    same_dim(op, "head dim D", [("q", D), ("key_data", key_data.shape[1])])
+    same_dim(op, "rows N", [("key_data", key_data.shape[0]), ("value_data", value_data.shape[0])])
+    segments = offsets.shape[0]
+    same_dim(op, "segments B*Hkv", [("offsets", segments), ("lengths", lengths.shape[0])])
+    if segments % B != 0:
+        _fail(op, f"offsets must hold B*Hkv entries (one per batch row and KV head), a multiple of B={B} (q), got {segments}")
+    Hkv = segments // B
+    if H % Hkv != 0:
+        _fail(op, f"query heads H={H} (q) must be a multiple of KV heads Hkv={Hkv} (offsets: B*Hkv={segments})")
+    positive(op, "scale", scale)
+    non_negative(op, "n", n)
+
+
+def packed_segment_values(offsets: torch.Tensor, lengths: torch.Tensor, N: int) -> None:
+    """Each segment [offsets, offsets + lengths) must lie in [0, N) (reads them: a device sync on a GPU)."""
+    lo_off, lo_len = int(offsets.min()), int(lengths.min())
+    hi_end = int((offsets + lengths).max())
+    if lo_off < 0 or lo_len < 0 or hi_end > N:
+        _fail("packed_attention", f"segments [offsets, offsets + lengths) must lie in [0, N={N}) with lengths >= 0, "
+              f"got offsets >= {lo_off}, lengths >= {lo_len}, ends up to {hi_end}", IndexError)

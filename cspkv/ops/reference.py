@@ -294,3 +294,65 @@ def nsoftmax_attention(
         values = values.masked_fill(~valid[..., None], 0.0)
     out = torch.einsum("bhgql,bhle->bhgqe", probs, values)
     return out.reshape(B, H, Q, values.shape[3]).to(q.dtype)
+
+
+def packed_attention(
+    q: torch.Tensor,
+    key_data: torch.Tensor,
+    value_data: torch.Tensor,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float,
+    n: float = 0.0,
+) -> torch.Tensor:
+    """Attention of T new queries over a packed cache: one segment of rows per (batch row, KV head).
+
+    Parameters
+    ----------
+    q : [B, H, T, D] float tensor; the T queries are the last T slots of every segment.
+    key_data : [N, D] float tensor, dtype of q: the segments' keys, one row per slot.
+    value_data : [N, Dv] float tensor, dtype of q.
+    offsets : int64 [B * Hkv], the first row of segment ``b * Hkv + h`` (KV head h of batch row b);
+        H % Hkv == 0 (GQA: query head h reads KV head h // (H / Hkv)).
+    lengths : int64 [B * Hkv], the segment's live slots; segments lie in [0, N) and may differ in
+        length (0 included); rows outside every segment (free room) are never read.
+    scale : logit scale, > 0.
+    n : n-softmax constant, >= 0; 0 is plain softmax.
+
+    Returns
+    -------
+    [B, H, T, Dv] tensor of q's dtype. Query ``t`` of segment s attends to its slots
+    ``j <= lengths[s] - T + t`` (causal among the chunk's own T tokens, which are the segment's
+    last T slots); a query with no such slot returns zeros. Equal to `nsoftmax_attention` over the
+    segments padded to one length with dead slots.
+
+    Example
+    -------
+    >>> q, kd, vd = torch.randn(2, 4, 1, 8), torch.randn(10, 8), torch.randn(10, 8)
+    >>> offsets, lengths = torch.tensor([0, 3, 5, 9]), torch.tensor([3, 2, 4, 1])
+    >>> packed_attention(q, kd, vd, offsets, lengths, scale=8 ** -0.5).shape
+    torch.Size([2, 4, 1, 8])
+    """
+    scale, n = checks.as_real(scale), checks.as_real(n)
+    checks.packed_attention_args(q, key_data, value_data, offsets, lengths, scale, n)
+    checks.packed_segment_values(offsets, lengths, key_data.shape[0])
+    B, H, T, D = q.shape
+    segments = offsets.shape[0]
+    Hkv = segments // B
+    G = H // Hkv
+    Dv = value_data.shape[1]
+    longest = int(lengths.max())
+    if longest == 0:
+        return q.new_zeros(B, H, T, Dv)
+    slot = torch.arange(longest, device=q.device)
+    inside = slot[None, :] < lengths[:, None]  # [S, Lmax]
+    rows = torch.where(inside, offsets[:, None] + slot[None, :], torch.zeros((), dtype=torch.int64, device=q.device))
+    keys = key_data.float()[rows]  # [S, Lmax, D]
+    values = value_data.float()[rows].masked_fill(~inside[..., None], 0.0)
+    logits = torch.einsum("sgtd,sld->sgtl", q.float().reshape(segments, G, T, D), keys) * scale
+    limit = lengths[:, None] - T + torch.arange(T, device=q.device)[None, :]  # [S, T]: last slot query t sees
+    allowed = inside[:, None, :] & (slot[None, None, :] <= limit[:, :, None])  # [S, T, Lmax]
+    probs = _nsoftmax(logits, allowed[:, None], n)
+    out = torch.einsum("sgtl,sle->sgte", probs, values)
+    return out.reshape(B, H, T, Dv).to(q.dtype)

@@ -94,6 +94,36 @@ bool copies_fuse(const at::Tensor& key_slots, const at::Tensor& value_slots, con
   return same && (!live.has_value() || live->device() == device);
 }
 
+// New rows [B, H, T, D] as the source of a packed append; dst is the packed data [N, D].
+StoreRows packed_rows(const at::Tensor& data, const at::Tensor& rows) {
+  StoreRows r;
+  r.element_size = data.element_size();
+  r.dst = static_cast<char*>(data.data_ptr());
+  r.src = static_cast<const char*>(rows.data_ptr());
+  r.dst_stride[0] = r.dst_stride[1] = 0;
+  r.dst_stride[2] = data.stride(0);
+  for (int d = 0; d < 4; ++d) r.src_stride[d] = rows.stride(d);
+  r.B = rows.size(0), r.H = rows.size(1), r.T = rows.size(2), r.D = rows.size(3);
+  return r;
+}
+
+// Row t of segment s = b * H + h goes to data row offsets[s] + lengths[s] + t.
+void copy_segment_rows_cpu(const StoreRows& r, const int64_t* offsets, const int64_t* lengths, int64_t t_count) {
+  const int64_t rows = r.B * r.H * r.T, es = r.element_size;
+  at::parallel_for(0, rows, heuristics::cpu_append_rows_per_task(r.D * es), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row % t_count, s = row / t_count, h = s % r.H, b = s / r.H;
+      char* dst = r.dst + (offsets[s] + lengths[s] + t) * r.dst_stride[2] * es;
+      const char* src = r.src + (b * r.src_stride[0] + h * r.src_stride[1] + t * r.src_stride[2]) * es;
+      if (r.src_stride[3] == 1 || r.D == 1) {
+        std::memcpy(dst, src, r.D * es);
+      } else {
+        for (int64_t d = 0; d < r.D; ++d) std::memcpy(dst + d * es, src + d * r.src_stride[3] * es, es);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> store_views(const at::Tensor& key_slots, const at::Tensor& value_slots,
@@ -147,6 +177,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> store_append(const at::Tensor& ke
     }
   }
   return store_views(key_slots, value_slots, valid_slots, n + t);
+}
+
+void packed_append(const at::Tensor& key_data, const at::Tensor& value_data, const at::Tensor& offsets,
+                   const at::Tensor& lengths, const at::Tensor& key_states, const at::Tensor& value_states) {
+  TORCH_CHECK(key_states.dim() == 4 && value_states.dim() == 4 && key_states.size(2) == value_states.size(2) &&
+                  key_data.dim() == 2 && value_data.dim() == 2 && key_data.size(1) == key_states.size(3) &&
+                  value_data.size(1) == value_states.size(3),
+              "cspkv packed store: expected new keys and values [B, Hkv, t, D] and data [N, D], got ",
+              key_states.sizes(), ", ", value_states.sizes(), ", ", key_data.sizes(), ", ", value_data.sizes());
+  const int64_t segments = key_states.size(0) * key_states.size(1), t = key_states.size(2);
+  TORCH_CHECK(offsets.dim() == 1 && lengths.dim() == 1 && offsets.size(0) == segments &&
+                  lengths.size(0) == segments && offsets.scalar_type() == at::kLong &&
+                  lengths.scalar_type() == at::kLong && lengths.is_contiguous(),
+              "cspkv packed store: offsets and lengths must be int64 [B * Hkv] = [", segments, "]");
+  const bool direct = key_data.is_cpu() && value_data.is_cpu() && key_states.is_cpu() && value_states.is_cpu() &&
+                      offsets.is_cpu() && lengths.is_cpu() && key_states.scalar_type() == key_data.scalar_type() &&
+                      value_states.scalar_type() == value_data.scalar_type() && key_data.stride(1) == 1 &&
+                      value_data.stride(1) == 1;
+  if (direct) {
+    const at::Tensor off = offsets.contiguous();
+    const int64_t* o = off.data_ptr<int64_t>();
+    int64_t* len = lengths.data_ptr<int64_t>();
+    for (int64_t s = 0; s < segments; ++s) {
+      TORCH_CHECK(o[s] >= 0 && len[s] >= 0 && o[s] + len[s] + t <= key_data.size(0),
+                  "cspkv packed store: segment ", s, " at ", o[s], " with ", len[s], " slots has no room for ", t,
+                  " more in ", key_data.size(0), " rows");
+    }
+    const StoreRows keys = packed_rows(key_data, key_states), values = packed_rows(value_data, value_states);
+    copy_segment_rows_cpu(keys, o, len, t);
+    copy_segment_rows_cpu(values, o, len, t);
+    for (int64_t s = 0; s < segments; ++s) len[s] += t;
+    return;
+  }
+  // Other devices: one index_copy_ per tensor (rows computed on the device, no sync).
+  const at::Tensor rows =
+      ((offsets + lengths).unsqueeze(1) + at::arange(t, offsets.options())).reshape({segments * t});
+  key_data.index_copy_(0, rows, key_states.reshape({segments * t, key_states.size(3)}).to(key_data.dtype()));
+  value_data.index_copy_(0, rows, value_states.reshape({segments * t, value_states.size(3)}).to(value_data.dtype()));
+  lengths.add_(t);
 }
 
 }  // namespace cspkv

@@ -22,4 +22,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> store_append(const at::Tensor& ke
                                                              const at::Tensor& value_states,
                                                              const c10::optional<at::Tensor>& live);
 
+// The packed layout's append: new keys/values [B, Hkv, t, D] of segment s = b * Hkv + h go to rows
+// offsets[s] + lengths[s] + [0, t) of key_data / value_data [N, D], then lengths += t (in place).
+// The caller guarantees the room (each segment's capacity); the CPU path checks it.
+void packed_append(const at::Tensor& key_data, const at::Tensor& value_data, const at::Tensor& offsets,
+                   const at::Tensor& lengths, const at::Tensor& key_states, const at::Tensor& value_states);
+
 }  // namespace cspkv
