@@ -117,8 +117,8 @@ def generate(model, input_ids, attention_mask=None, *, new: int = 12, **kwargs):
 
 
 def cache_layer_lengths(cache) -> List[int]:
-    """Stored tokens per cache layer."""
-    return [layer.keys.shape[-2] for layer in cache.layers]
+    """Stored tokens per cache layer (a packed pruned layer: of its longest row and KV head)."""
+    return [layer.stored_len if getattr(layer, "packed", None) is not None else layer.keys.shape[-2] for layer in cache.layers]
 
 
 def cache_bytes(cache) -> int:

@@ -12,6 +12,7 @@ import torch
 
 import cspkv
 from cspkv import CSPConfig
+from cspkv.hf.cache import padded_layout
 from cspkv.pruning import allocation, head_allocation, select_and_compact
 from cspkv.pruning.budget import RowPlan, plan_batch
 from cspkv.pruning.policies import Policy, Scores
@@ -313,7 +314,8 @@ def test_compiled_model_allocates_as_the_eager_one():
         return torch.cat(tokens, 1), cache
 
     with cspkv.patched(model, budget=0.3, min_prompt=8, head_allocation="adaptive", layer_allocation="adaptive") as handle:
-        eager_tokens, eager_cache = greedy(model)
+        with padded_layout():  # the layout compiled code stores (it decodes by concatenation), to compare with
+            eager_tokens, eager_cache = greedy(model)
         eager_kept = _kept_per_head(handle)
         torch._dynamo.reset()
         try:

@@ -18,7 +18,7 @@ import torch
 import torch._dynamo
 
 import cspkv
-from cspkv.hf.cache import PrunedLayer
+from cspkv.hf.cache import PrunedLayer, padded_layout
 from patch_models import CACHE_KW, left_pad, prompt, returned_cache, tiny_model
 
 STEPS = 16
@@ -45,7 +45,8 @@ def test_compiled_patched_model_decodes_without_recompile_limit():
     model = tiny_model(layers=4)
     handle = cspkv.patch(model, budget=0.5, min_prompt=8)
     ids, mask = left_pad([prompt(40, seed=1)[0], prompt(29, seed=2)[0]])
-    eager_tokens, eager_logits, eager_cache = _greedy(model, ids, mask)
+    with padded_layout():  # what compiled code stores (its decode steps concatenate), to compare with
+        eager_tokens, eager_logits, eager_cache = _greedy(model, ids, mask)
     eager_stats = handle.stats()
 
     torch._dynamo.reset()

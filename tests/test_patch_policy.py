@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import cspkv
 from cspkv import CSPConfig, ScoreInputs, ops
-from cspkv.hf.cache import Liveness, PrunedLayer, _CROP_TAKES_REMOVAL, append_reserve, check_cache, stored_bytes
+from cspkv.hf.cache import Liveness, PrunedLayer, _CROP_TAKES_REMOVAL, append_reserve, check_cache, padded_layout, stored_bytes
 from cspkv.pruning import score_layer, selection
 from cspkv.pruning.budget import RowPlan, has_dead_slots, plan_batch, plan_row, token_count, window_query_ids
 from cspkv.pruning.compaction import compact
@@ -122,7 +122,8 @@ def _layer(B=2, Hkv=2, C=5, D=4, L=12):
     keys = torch.randn(B, Hkv, C, D)
     valid = torch.ones(B, Hkv, C, dtype=torch.bool)
     valid[1, :, 0] = False
-    return PrunedLayer(keys, keys.clone(), valid, L, Liveness())
+    with padded_layout():  # these tests are of the padded store; a dead slot would make it packed (tests/test_packed.py)
+        return PrunedLayer(keys, keys.clone(), valid, L, Liveness())
 
 
 def test_pruned_layer_reports_logical_sizes():

@@ -15,6 +15,14 @@ stored length, 16 to 256 tokens), and later tokens are written into it in place;
 only a full store is copied into a larger one. `transformers`' `DynamicLayer`
 concatenates instead, copying every stored token at every step.
 
+Rows of a padded batch keep different numbers of real tokens (and adaptive budgets give KV heads
+different ones): padded to the longest, the dead slots would cost as much memory as live ones. A
+layer whose kept slots include dead ones therefore stores them packed (`PackedStore`): each
+(row, KV head) holds its live tokens as one segment of `key_data` / `value_data` [N, D], with
+`offsets`, `lengths` and a capacity per segment; decode appends write at offsets + lengths of every
+segment and attention runs `ops.packed_attention`. A layer without dead slots keeps the padded
+[B, Hkv, C, D] store, whose attention and append are cheaper to launch.
+
 Supports transformers 4.57 (`get_mask_sizes(cache_position)`, `crop(max_length)`)
 and 5.x (`get_mask_sizes(query_length)`, `crop(-tokens_to_remove)`).
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -66,6 +75,25 @@ class Liveness:
 
     def __deepcopy__(self, memo) -> "Liveness":
         return self
+
+
+# Store a layer with dead slots packed (`PackedStore`). False keeps the padded layout for every
+# layer: the layout packing replaces, for comparisons (tests, benchmarks).
+PACK_DEAD_SLOTS = True
+
+_layout = threading.local()
+
+
+class padded_layout:
+    """Within it, layers pruned in this thread keep the padded layout: pruning deferred from code
+    compiled by torch.compile (whose decode steps append by concatenation), comparisons."""
+
+    def __enter__(self) -> None:
+        self.before = getattr(_layout, "padded", False)
+        _layout.padded = True
+
+    def __exit__(self, *exc) -> None:
+        _layout.padded = self.before
 
 
 def append_reserve(stored: int) -> int:
@@ -140,21 +168,188 @@ class _Store:
         return sum(t.numel() * t.element_size() for t in (self.key_slots, self.value_slots))
 
 
+def _reserve(lengths: torch.Tensor) -> torch.Tensor:
+    """`append_reserve` of each entry of an int64 tensor of stored lengths."""
+    return (lengths // 16).clamp(16, 256)
+
+
+# Whether a call's chunk liveness (`Liveness.chunk_live`: one tensor per call, shared by its layers)
+# is all live, read once per call and not per layer: on a GPU reading it is a sync. The last one
+# asked is remembered (by a weak reference; tensors compare elementwise, so no dictionary).
+_last_live: list = [None, False]
+
+
+def _all_live(live: torch.Tensor) -> bool:
+    ref, known = _last_live
+    if ref is None or ref() is not live:
+        known = bool(live.all())
+        _last_live[:] = [weakref.ref(live), known]
+    return known
+
+
+class PackedStore:
+    """A pruned layer's live slots packed per (row, KV head): segment s = b * Hkv + h holds rows
+    [offsets[s], offsets[s] + lengths[s]) of `key_data` / `value_data` [N, D], in position order,
+    followed by free rows up to its capacity. No segment is padded to the longest one.
+
+    `offsets`, `lengths` are int64 [B * Hkv] on the layer's device (what `ops.packed_attention`
+    reads); `host_offsets`, `host_lengths` and `host_capacity` are their CPU copies, so that
+    deciding a growth or a crop never waits for a GPU. `appended` counts the tokens appended after
+    the slots it was packed from (the same in every segment): the tail that `crop` may remove.
+
+    A store is packed without free rows (its bytes are the live tokens'); the first append grows
+    every segment by `append_reserve` of its length, and so does every append into a full segment.
+    A store made under `torch.inference_mode()` is copied before it is written outside it.
+    """
+
+    def __init__(self, key_data: torch.Tensor, value_data: torch.Tensor, host_offsets: torch.Tensor,
+                 host_lengths: torch.Tensor, host_capacity: torch.Tensor, batch: int, heads: int, appended: int = 0):
+        self.key_data, self.value_data = key_data, value_data
+        self.host_offsets, self.host_lengths, self.host_capacity = host_offsets, host_lengths, host_capacity
+        device = key_data.device
+        pinned = device.type == "cuda"
+        self.offsets = (host_offsets.pin_memory() if pinned else host_offsets).to(device, non_blocking=pinned)
+        self.lengths = (host_lengths.pin_memory() if pinned else host_lengths.clone()).to(device, non_blocking=pinned)
+        self.batch, self.heads = batch, heads
+        self.appended = appended
+        self.inference = key_data.is_inference()
+
+    @classmethod
+    def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor) -> "PackedStore":
+        """Pack the live slots of padded keys/values [B, Hkv, S, D] (kv_valid [B, Hkv, S]), in order."""
+        B, Hkv, S = kv_valid.shape
+        rows = B * Hkv
+        valid = kv_valid.reshape(rows, S)
+        counts = valid.sum(-1).to("cpu", torch.int64)
+        offsets = torch.cumsum(counts, 0) - counts
+        n = max(int(counts.sum()), 1)  # one free row at least: an op argument may not be empty
+        flat = valid.reshape(-1).nonzero().squeeze(1)
+        dest = (offsets.to(kv_valid.device)[:, None] + valid.long().cumsum(-1) - 1).reshape(-1)[flat]
+        key_data = keys.new_empty(n, keys.shape[-1])  # free rows are never read
+        value_data = values.new_empty(n, values.shape[-1])
+        key_data.index_copy_(0, dest, keys.reshape(rows * S, -1)[flat])
+        value_data.index_copy_(0, dest, values.reshape(rows * S, -1)[flat])
+        return cls(key_data, value_data, offsets, counts, counts.clone(), B, Hkv)
+
+    def moved(self, segments: torch.Tensor, capacity: torch.Tensor, batch: int) -> "PackedStore":
+        """A new store of the given segments (CPU int64 indices, repeats allowed) with these
+        capacities (CPU int64, each at least the segment's length)."""
+        lengths = self.host_lengths[segments]
+        offsets = torch.cumsum(capacity, 0) - capacity
+        total = int(lengths.sum())
+        segment_of = torch.repeat_interleave(torch.arange(len(segments)), lengths)
+        within = torch.arange(total) - (torch.cumsum(lengths, 0) - lengths)[segment_of]
+        src = (self.host_offsets[segments][segment_of] + within).to(self.key_data.device)
+        dst = (offsets[segment_of] + within).to(self.key_data.device)
+        n = max(int(capacity.sum()), 1)
+        key_data = self.key_data.new_empty(n, self.key_data.shape[-1])
+        value_data = self.value_data.new_empty(n, self.value_data.shape[-1])
+        key_data.index_copy_(0, dst, self.key_data.index_select(0, src))
+        value_data.index_copy_(0, dst, self.value_data.index_select(0, src))
+        return PackedStore(key_data, value_data, offsets, lengths.clone(), capacity, batch, self.heads, self.appended)
+
+    def grown(self, t: int) -> "PackedStore":
+        """A copy with room for t tokens and `append_reserve` more in every segment."""
+        needed = self.host_lengths + t
+        return self.moved(torch.arange(len(self.host_lengths)), needed + _reserve(needed), self.batch)
+
+    def select_rows(self, rows: torch.Tensor) -> "PackedStore":
+        """A copy holding batch rows `rows` (CPU int64, repeats allowed), without free rows."""
+        segments = (rows[:, None] * self.heads + torch.arange(self.heads)).reshape(-1)
+        return self.moved(segments, self.host_lengths[segments].clone(), len(rows))
+
+    def room(self) -> int:
+        """Free rows of the fullest segment."""
+        return int((self.host_capacity - self.host_lengths).min())
+
+    def writable(self) -> bool:
+        return not self.inference or torch.is_inference_mode_enabled()
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write new keys/values [B, Hkv, t, D] after each segment's last slot (the room is there):
+        one call into the extension."""
+        t = key_states.shape[2]
+        ext = ops.extension()
+        if ext is not None:
+            ext.packed_append(self.key_data, self.value_data, self.offsets, self.lengths, key_states, value_states)
+        else:
+            rows = ((self.offsets + self.lengths)[:, None] + torch.arange(t, device=self.offsets.device)).reshape(-1)
+            self.key_data.index_copy_(0, rows, key_states.reshape(-1, key_states.shape[-1]).to(self.key_data.dtype))
+            self.value_data.index_copy_(0, rows, value_states.reshape(-1, value_states.shape[-1]).to(self.value_data.dtype))
+            self.lengths.add_(t)
+        self.host_lengths += t
+        self.appended += t
+
+    def crop(self, remove: int) -> None:
+        """Drop the last `remove` slots of every segment (each holds that many)."""
+        self.lengths.sub_(remove)
+        self.host_lengths -= remove
+        self.appended = max(0, self.appended - remove)
+
+    def longest(self) -> int:
+        return int(self.host_lengths.max())
+
+    def unpacked(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, kv_valid) padded to the longest segment, [B, Hkv, S(, D)], right-aligned:
+        every segment's last slot is slot S - 1 and its dead slots come first (zeros), so the last
+        tokens of every row and head are the last slots, as in the padded layout."""
+        S = max(self.longest(), 1)
+        rows = len(self.host_lengths)
+        j = torch.arange(S, device=self.lengths.device)[None, :] - (S - self.lengths[:, None])  # slot index in segment
+        valid = j >= 0
+        # a dead slot reads any row (masked below); an empty last segment may start at N
+        index = (self.offsets[:, None] + j.clamp(min=0)).reshape(-1).clamp_(max=self.key_data.shape[0] - 1)
+        keys = self.key_data.index_select(0, index).reshape(rows, S, -1).masked_fill(~valid[..., None], 0)
+        values = self.value_data.index_select(0, index).reshape(rows, S, -1).masked_fill(~valid[..., None], 0)
+        shape = (self.batch, self.heads, S)
+        return keys.reshape(*shape, -1), values.reshape(*shape, -1), valid.reshape(shape)
+
+    def right_aligned(self, left: torch.Tensor, counts: torch.Tensor, fill: int) -> torch.Tensor:
+        """[B, Hkv, P] per-segment entries stored from column 0 (`counts` [B * Hkv] of them, on the
+        device) laid out as `unpacked` lays out slots: column S - len + j holds entry j, `fill` where
+        no entry is."""
+        S = max(self.longest(), 1)
+        rows = len(self.host_lengths)
+        left = left.reshape(rows, -1)
+        j = torch.arange(S, device=left.device)[None, :] - (S - self.lengths[:, None].to(left.device))
+        inside = (j >= 0) & (j < counts[:, None].to(left.device))
+        picked = left.gather(1, j.clamp(0, max(left.shape[1] - 1, 0))) if left.shape[1] else torch.zeros_like(j, dtype=left.dtype)
+        return picked.masked_fill(~inside, fill).reshape(self.batch, self.heads, S)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key_data, self.value_data))
+
+
+def _left_aligned(x: torch.Tensor, valid: torch.Tensor, fill: int) -> torch.Tensor:
+    """[B, Hkv, P]: the entries of x [B, Hkv, S] where valid, in order, from column 0 (P the most
+    any row and head has), `fill` after them."""
+    B, Hkv, S = valid.shape
+    width = max(int(valid.sum(-1).max()), 1) if valid.numel() else 1
+    out = torch.full((B, Hkv, width + 1), fill, dtype=x.dtype, device=x.device)
+    column = torch.where(valid, valid.long().cumsum(-1) - 1, torch.full_like(valid, width, dtype=torch.long))
+    out.scatter_(2, column, torch.where(valid, x, torch.full_like(x, fill)))
+    return out[..., :width]
+
+
 class PrunedLayer(DynamicLayer):
     """A `DynamicLayer` whose prompt was compacted by CSP.
 
     Attributes
     ----------
     keys, values : [B, Hkv, C + t, D] stored tensors (kept prompt tokens, then t appended tokens);
-        after an append, views of a store with free slots (see the module docstring).
-    kv_valid : bool [B, Hkv, C + t]; False marks dead slots, never attended.
+        after an append, views of a store with free slots (see the module docstring). In the
+        packed layout, views [1, 1, N, D] of `packed.key_data` / `value_data` (what `update`
+        returns; attention reads the packed store).
+    kv_valid : bool [B, Hkv, C + t]; False marks dead slots, never attended. None when packed.
+    packed : the `PackedStore` when the kept slots had dead ones (rows or KV heads that keep
+        different numbers of tokens), else None.
     logical_len : L + t, the length the model sees (positions, masks).
-    pruned_len : C, stored prompt slots.
+    pruned_len : C, stored prompt slots (packed: the most any row and KV head stores).
     croppable : the last prompt positions that every row and KV head stores, in order, as its
         last prompt slots (the recent window): with the appended tokens, what `crop` can remove.
     slot_mod : int32 [B, Hkv, C], the modality id of each stored prompt slot (-1 dead), for
         pruning the layer again; tokens appended after them are text unless a later chunk is
-        pruned (it records its own).
+        pruned (it records its own). Packed: each row and head's prompt slots from column 0.
     decode_queries : [B, H, n, D], the queries of the latest n decoded tokens (the last n slots),
         kept for decode-time compression (`CSPConfig.decode_budget`); None otherwise.
     """
@@ -164,26 +359,72 @@ class PrunedLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, logical_len: int, liveness: Liveness,
                  croppable: int = 0, slot_mod: Optional[torch.Tensor] = None):
         super().__init__()
-        self.keys, self.values = keys, values
-        self.kv_valid = kv_valid
-        self.logical_len = int(logical_len)
-        self.pruned_len = keys.shape[-2]
-        self.croppable = min(int(croppable), self.pruned_len)
-        self.slot_mod = slot_mod
-        self.decode_queries: Optional[torch.Tensor] = None
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self._liveness = liveness
+        self.logical_len = int(logical_len)
+        self.decode_queries: Optional[torch.Tensor] = None
+        self.packed: Optional[PackedStore] = None
         self._store: Optional[_Store] = None
+        self._set_slots(keys, values, kv_valid, slot_mod, croppable)
+
+    def _set_slots(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor,
+                   slot_mod: Optional[torch.Tensor], croppable: int) -> None:
+        """Store kept slots: packed when some are dead (the live counts of rows and KV heads
+        differ, or all fall short of the slots), else padded as given. Deciding reads the counts
+        (on a GPU, one sync per pruned layer)."""
+        self._store = None
+        self.pruned_len = keys.shape[-2]
+        self.croppable = min(int(croppable), self.pruned_len)
+        if PACK_DEAD_SLOTS and not getattr(_layout, "padded", False) and kv_valid is not None and kv_valid.numel() and not bool(kv_valid.all()):
+            self.packed = PackedStore.from_padded(keys, values, kv_valid)
+            self.slot_mod = None if slot_mod is None else _left_aligned(slot_mod, kv_valid, -1)
+            self.pruned_len = self.packed.longest()
+            self.kv_valid = None
+            self._show_packed()
+        else:
+            self.packed = None
+            self.keys, self.values, self.kv_valid = keys, values, kv_valid
+            self.slot_mod = slot_mod
+
+    def _show_packed(self) -> None:
+        packed = self.packed
+        self.keys, self.values = packed.key_data[None, None], packed.value_data[None, None]
+
+    def _unpack(self) -> None:
+        """Go back to the padded layout (code compiled by torch.compile; dead new tokens)."""
+        packed = self.packed
+        keys, values, kv_valid = packed.unpacked()
+        ids = self.slot_modalities()
+        self.packed = None
+        self.keys, self.values, self.kv_valid = keys, values, kv_valid
+        # Right-aligned, the appended tokens are the last slots of every row and head, after the prompt's.
+        self.pruned_len = keys.shape[-2] - packed.appended
+        self.slot_mod = None if self.slot_mod is None else ids[..., : self.pruned_len].contiguous()
+        self._store = None
 
     def __repr__(self) -> str:
+        if self.packed is not None:
+            return f"PrunedLayer(logical_len={self.logical_len}, packed, longest={self.packed.longest()})"
         stored = 0 if self.keys is None else self.keys.shape[-2]
         return f"PrunedLayer(logical_len={self.logical_len}, stored={stored})"
 
     @property
     def is_pruned(self) -> bool:
         """False after `reset()`: the layer then behaves as an empty DynamicLayer until pruned again."""
-        return self.kv_valid is not None
+        return self.kv_valid is not None or self.packed is not None
+
+    @property
+    def stored_len(self) -> int:
+        """Stored slots per row and KV head (packed: of the longest segment)."""
+        return self.packed.longest() if self.packed is not None else self.keys.shape[-2]
+
+    def stored_slots(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, kv_valid) [B, Hkv, S(, D)] in the padded layout: the stored tensors, or
+        the packed store padded to its longest segment (dead slots first in each row and head)."""
+        if self.packed is not None:
+            return self.packed.unpacked()
+        return self.keys, self.values, self.kv_valid
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
         """Append new tokens (valid slots) and return the stored keys and values."""
@@ -196,13 +437,32 @@ class PrunedLayer(DynamicLayer):
             self.keys, self.values = key_states, value_states
             self.dtype, self.device = key_states.dtype, key_states.device
             self.is_initialized = True
-        elif self.kv_valid is None:  # reset and refilled without pruning: an ordinary dynamic layer
+        elif not self.is_pruned:  # reset and refilled without pruning: an ordinary dynamic layer
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
+        elif self.packed is not None:
+            self._append_packed(key_states, value_states)
         else:
             self._append(key_states, value_states)
         self.logical_len += key_states.shape[-2]
         return self.keys, self.values
+
+    def _append_packed(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        t = key_states.shape[2]
+        live = None
+        if not torch.compiler.is_compiling():
+            chunk_live = self._liveness.chunk_live
+            live = None if chunk_live is None else chunk_live(t, self.logical_len + t, self.packed.lengths.device)
+        if torch.compiler.is_compiling() or (live is not None and not _all_live(live)):
+            # Dead new tokens (a padded follow-up turn) need per-slot liveness: the padded layout has it.
+            self._unpack()
+            self._append(key_states, value_states)
+            return
+        packed = self.packed
+        if packed.room() < t or not packed.writable():
+            packed = self.packed = packed.grown(t)
+        packed.append(key_states, value_states)
+        self._show_packed()
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if torch.compiler.is_compiling():
@@ -235,7 +495,22 @@ class PrunedLayer(DynamicLayer):
 
     def slot_modalities(self, last: Optional[torch.Tensor] = None) -> torch.Tensor:
         """int32 [B, Hkv, S]: each stored slot's modality id, -1 at dead slots; the prompt slots'
-        from `slot_mod`, appended ones text (0), the last slots `last` [B, T] if given."""
+        from `slot_mod`, appended ones text (0), the last slots `last` [B, T] if given. Packed:
+        in the layout of `stored_slots()`."""
+        if self.packed is not None:
+            packed = self.packed
+            prompt = packed.lengths - packed.appended  # each segment's prompt slots
+            if self.slot_mod is None:
+                left = torch.zeros(packed.batch, packed.heads, 1, dtype=torch.int32, device=packed.lengths.device)
+                prompt = torch.zeros_like(prompt)
+            else:
+                left = self.slot_mod.to(torch.int32)
+            ids = packed.right_aligned(left, prompt, 0)
+            dead = packed.right_aligned(torch.zeros_like(left), packed.lengths, -1) < 0
+            S = ids.shape[-1]
+            if last is not None:
+                ids[..., S - last.shape[-1]:] = last[:, None, :].to(ids)
+            return ids.masked_fill_(dead, -1)
         B, Hkv, S = self.kv_valid.shape
         ids = torch.zeros(B, Hkv, S, dtype=torch.int32, device=self.kv_valid.device)
         if self.slot_mod is not None:
@@ -247,11 +522,7 @@ class PrunedLayer(DynamicLayer):
     def replace_slots(self, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, slot_mod: torch.Tensor,
                       croppable: int) -> None:
         """After pruning again: the stored slots are these (the logical length does not change)."""
-        self.keys, self.values, self.kv_valid = keys, values, kv_valid
-        self.pruned_len = keys.shape[-2]
-        self.croppable = min(int(croppable), self.pruned_len)
-        self.slot_mod = slot_mod
-        self._store = None
+        self._set_slots(keys, values, kv_valid, slot_mod, croppable)
 
     def get_seq_length(self) -> int:
         """The logical length: prompt tokens before pruning plus appended tokens."""
@@ -265,14 +536,23 @@ class PrunedLayer(DynamicLayer):
     def reset(self) -> None:
         self.keys = self.values = self.kv_valid = None
         self._store = None
+        self.packed = None
         self.logical_len = 0
         self.pruned_len = self.croppable = 0
         self.slot_mod = self.decode_queries = None
         self.is_initialized = False
 
-    def _select_rows(self, select) -> None:
+    def _select_rows(self, select, rows) -> None:
         """Replace keys, values, kv_valid and the per-row extras by `select(tensor)` of each (new
-        tensors, no free slots)."""
+        tensors, no free slots); `rows()` gives the batch rows selected (CPU int64), for a packed
+        store."""
+        if self.packed is not None:
+            self.packed = self.packed.select_rows(rows())
+            self._show_packed()
+            for name in ("slot_mod", "decode_queries"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, select(getattr(self, name)))
+            return
         if self.keys is not None and self.keys.numel():
             self.keys, self.values = select(self.keys), select(self.values)
             for name in ("kv_valid", "slot_mod", "decode_queries"):
@@ -280,15 +560,20 @@ class PrunedLayer(DynamicLayer):
                     setattr(self, name, select(getattr(self, name)))
             self._store = None
 
+    def _batch(self) -> int:
+        return self.packed.batch if self.packed is not None else self.keys.shape[0]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the batch rows of keys, values and kv_valid alike."""
-        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda: beam_idx.to("cpu", torch.int64))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0),
+                          lambda: torch.arange(self._batch()).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(lambda t: t[indices, ...])
+        self._select_rows(lambda t: t[indices, ...],
+                          lambda: torch.arange(self._batch())[indices.cpu() if isinstance(indices, torch.Tensor) else indices])
 
     def crop(self, amount: int) -> None:
         """Remove the last tokens (assisted and prompt-lookup decoding drop rejected drafts so).
@@ -306,7 +591,8 @@ class PrunedLayer(DynamicLayer):
             remove = -amount if amount < 0 else self.logical_len - amount
         if remove <= 0 or self.keys is None:
             return
-        appended = self.keys.shape[-2] - self.pruned_len
+        packed = self.packed
+        appended = packed.appended if packed is not None else self.keys.shape[-2] - self.pruned_len
         if remove > appended + self.croppable:
             raise NotImplementedError(
                 f"cspkv: cannot crop {remove} tokens from a pruned cache layer: only the {appended} tokens appended "
@@ -316,9 +602,21 @@ class PrunedLayer(DynamicLayer):
         from_prompt = max(0, remove - appended)
         self.pruned_len -= from_prompt
         self.croppable -= from_prompt
+        self.decode_queries = None  # no longer the queries of the last slots
+        self.logical_len -= remove
+        if packed is not None:
+            if not packed.writable():
+                packed = self.packed = packed.grown(0)
+            if self.slot_mod is not None and from_prompt:
+                # each row and head loses its last from_prompt prompt slots (the recent window's tail)
+                prompt = (packed.lengths - packed.appended - from_prompt).reshape(self.slot_mod.shape[:2])
+                column = torch.arange(self.slot_mod.shape[-1], device=self.slot_mod.device)
+                self.slot_mod = self.slot_mod.masked_fill(column >= prompt[..., None].to(self.slot_mod.device), -1)
+            packed.crop(remove)
+            self._show_packed()
+            return
         if self.slot_mod is not None:
             self.slot_mod = self.slot_mod[..., : self.pruned_len]
-        self.decode_queries = None  # no longer the queries of the last slots
         n = self.keys.shape[-2] - remove
         store = self._store
         if store is not None and store.writable_for(self):
@@ -329,7 +627,6 @@ class PrunedLayer(DynamicLayer):
             self.values = self.values[..., :n, :]
             if self.kv_valid is not None:
                 self.kv_valid = self.kv_valid[..., :n]
-        self.logical_len -= remove
 
 
 try:  # transformers 5.x: the cache layer of a decoder layer with no cache of its own (Gemma 4's KV-sharing consumers)
@@ -368,7 +665,11 @@ def check_cache(cache) -> None:
 
 
 def stored_bytes(layer) -> int:
-    """Bytes of a cache layer's stored key and value tensors (a pruned layer's free slots included)."""
+    """Bytes of a cache layer's stored key and value tensors (a pruned layer's free slots included;
+    a packed layer's key and value data, every segment's live tokens and free rows)."""
+    packed = getattr(layer, "packed", None)
+    if isinstance(packed, PackedStore):
+        return packed.nbytes()
     store = getattr(layer, "_store", None)
     if isinstance(store, _Store) and store.holds(layer):
         return store.nbytes()

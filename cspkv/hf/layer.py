@@ -15,8 +15,8 @@ the call. In the cspkv attention function, for a patched layer:
   at the end of the model's forward call (`_select_layers`), once the budgets
   of all layers are known;
 * decode / later chunks on a pruned layer: `ops.nsoftmax_attention` over the
-  stored slots with `kv_valid` (the model's mask is sized in logical positions
-  and is ignored there);
+  stored slots with `kv_valid`, or `ops.packed_attention` over a packed layer
+  (the model's mask is sized in logical positions and is ignored there);
 * anything else (no cache, a continued unpruned cache): the original function.
 """
 
@@ -230,9 +230,11 @@ class LayerPatch:
         """Run a pruning step (`_prune`, `_prune_again`, `_compress_decoded`) now; in code compiled
         by torch.compile, which could not trace it without graph breaks, after the model's forward:
         the layer's output does not depend on it, and the call's end (`PatchHandle._post_hook`,
-        run outside the compiled code) runs `handle.deferred` in order."""
+        run outside the compiled code) runs `handle.deferred` in order. What it stores keeps the
+        padded layout: the compiled decode steps append by concatenation, which a packed store
+        cannot take."""
         if torch.compiler.is_compiling():
-            self.handle.deferred.append((step, args))
+            self.handle.deferred.append((_in_padded_layout, (step,) + args))
         else:
             step(*args)
 
@@ -251,7 +253,12 @@ class LayerPatch:
 
     def _attend_pruned(self, layer, query, key, value, scaling):
         # Padding inside the new chunk (a padded follow-up turn) was stored dead by the append (Liveness.chunk_live).
-        out = ops.nsoftmax_attention(query, key, value, scale=scaling, n=self.handle.config.decode_n, kv_valid=layer.kv_valid)
+        packed = layer.packed
+        if packed is not None:  # rows / KV heads of different lengths, each stored without padding
+            out = ops.packed_attention(query, packed.key_data, packed.value_data, packed.offsets, packed.lengths,
+                                       scale=scaling, n=self.handle.config.decode_n)
+        else:
+            out = ops.nsoftmax_attention(query, key, value, scale=scaling, n=self.handle.config.decode_n, kv_valid=layer.kv_valid)
         return out.transpose(1, 2).contiguous(), None
 
     def _skip(self, reason: str, length: int) -> None:
@@ -310,8 +317,11 @@ class LayerPatch:
         """Replace the layer's cache by the kept slots `kept` of a first prefill, and say so in its stats."""
         L, device = key.shape[-2], key.device
         slot_mod = _kept_modalities(k_mod, kept)
-        pruned = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L, self.handle.liveness, _croppable(plans),
-                                       slot_mod)
+        # A call traced by torch.compile decodes by concatenation: what it prunes is stored padded (`_in_padded_layout`).
+        padded = getattr(self.handle._call, "stores_padded", False)
+        with cache_mod.padded_layout() if padded else _NO_CONTEXT:
+            pruned = cache_mod.PrunedLayer(kept.keys, kept.values, kept.keep_valid, L, self.handle.liveness,
+                                           _croppable(plans), slot_mod)
         cache.layers[self.layer_idx] = pruned
         if self.handle.config.head_allocation == "adaptive":  # read on the host already, by the allocation
             kept_per_head = kept.keep_valid.sum(-1).tolist()
@@ -326,7 +336,7 @@ class LayerPatch:
             kept_per_row=[p.budget for p in plans],
             kept_per_head=kept_per_head,
             kv_bytes_before=_nbytes(key) + _nbytes(value),
-            kv_bytes_after=_nbytes(kept.keys) + _nbytes(kept.values),
+            kv_bytes_after=cache_mod.stored_bytes(pruned),  # packed: the live tokens only
             device=str(device),
             scoring=scoring,
             timing=timings,
@@ -343,10 +353,13 @@ class LayerPatch:
         call = handle._call
         if call is None:
             call = CallContext(handle, None, None, handle._modality_override)
-        B, Q, S = query.shape[0], query.shape[-2], key.shape[-2]
-        chunk_mod, q_mod, plans = call.prepared(B, Q, key.device)
+        B, Q = query.shape[0], query.shape[-2]
+        chunk_mod, q_mod, plans = call.prepared(B, Q, query.device)
         if not any(p.pruned for p in plans):
             return
+        before = cache_mod.stored_bytes(layer)
+        key, value, _ = layer.stored_slots()  # packed: padded to the longest row and head, the chunk last in each
+        S = key.shape[-2]
         keep_before = S - Q
         if config.later_prefill == "total":
             keep_before = 0
@@ -357,13 +370,12 @@ class LayerPatch:
         kept = prune_stored(config, query, key, value, slot_mod, q_mod, plans, scale=scaling, layer=self.layer_idx,
                             keep_before=keep_before)
         timing = timer.stop()
-        before = _nbytes(key) + _nbytes(value)
         layer.replace_slots(kept.keys, kept.values, kept.keep_valid, _kept_modalities(slot_mod, kept), _croppable(plans))
         self.stats = LayerStats(
             self.layer_idx, pruned=True, reason=None, prompt_len=Q, kept=kept.keys.shape[-2],
             kept_per_row=[p.budget for p in plans], kept_per_head=[[p.budget] * key.shape[1] for p in plans],
             kv_bytes_before=before,
-            kv_bytes_after=_nbytes(kept.keys) + _nbytes(kept.values), device=str(key.device),
+            kv_bytes_after=cache_mod.stored_bytes(layer), device=str(key.device),
             scoring=f"later chunk ({config.later_prefill})", timing=timing,
         )
 
@@ -376,9 +388,10 @@ class LayerPatch:
         ring = layer.decode_queries
         ring = query if ring is None else torch.cat([ring[:, :, 1 - window:] if window > 1 else ring[:, :, :0], query], 2)
         layer.decode_queries = ring
-        S = key.shape[-2]
+        S = layer.stored_len
         if S < config.decode_budget + config.decode_interval or ring.shape[2] < window or not config.policy.prunes_stored:
             return
+        key, value, _ = layer.stored_slots()  # packed: padded to the longest row and head, the decoded tokens last
         slot_mod = layer.slot_modalities()
         plans = [budget_mod.decode_plan(config, slot_mod[b, 0]) for b in range(key.shape[0])]
         q_mod = torch.zeros(key.shape[0], window, dtype=torch.int32, device=key.device)  # decoded tokens: text
@@ -420,6 +433,16 @@ def _select_layers(scored: List[_Scored]) -> None:
                                   cross_ratios=cross_ratios, nvtx=nvtx)
         patch._install(s.cache, kept, s.key, s.value, s.k_mod, plans, s.scoring, [s.timing, timer.stop()])
     scored.clear()
+
+
+def _in_padded_layout(step, *args) -> None:
+    """Run a pruning step deferred from compiled code, storing what it keeps padded; so does what
+    the call's end selects after it (`CSPConfig.layer_allocation`, `_install`)."""
+    call = step.__self__.handle._call
+    if call is not None:
+        call.stores_padded = True
+    with cache_mod.padded_layout():
+        step(*args)
 
 
 def _nbytes(t: torch.Tensor) -> int:
