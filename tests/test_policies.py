@@ -6,6 +6,7 @@ the quality benchmark's --quick run on the real SmolLM2 model."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -268,4 +269,54 @@ def test_quality_benchmark_quick(tmp_path):
         assert (tmp_path / f"quality.{ext}").stat().st_size > 0
     assert "\ntargets:\n" in result.stdout  # it checked its targets (its cache == cspkv.patched's: tests/test_benchmarks.py)
     report = (tmp_path / "quality.md").read_text()
-    assert "| csp pool=1 |" in report and "| csp |" in report  # the default (pooled) and the unpooled CSP lines
+    for task in ("A", "R", "N", "C", "B"):  # every task has its table, with n and 95% intervals
+        assert f"### Task {task}:" in report, task
+    for line in ("full", "csp (defaults)", "csp one segment", "snapkv", "h2o", "streaming", "random", "snapkv w=64",
+                 "csp (defaults) via compress"):
+        assert f"| {line} |" in report, line
+    assert "HOLDS" in report or "MISSED" in report
+    result = json.loads((tmp_path / "quality.json").read_text())
+    tasks = {c["task"] for c in result["cases"]}
+    assert tasks == {"A", "R", "N", "C", "B"}
+    for case in result["cases"]:
+        res = case["results"]
+        if case["task"] == "C":  # the capture path keeps what cspkv.compress keeps: the same answers
+            assert len(res["full"]) == 3
+            assert [q["answer"] for q in res["csp (defaults) @0.2"]] == [q["answer"] for q in res["csp (defaults) via compress @0.2"]]
+        elif case["task"] == "B":
+            assert res["full"]["kl"] == 0.0 and res["csp (defaults) @0.2"]["kl"] > 0.0
+        else:
+            assert set(res["full"]) == {"answer", "correct"}
+    rows = {(r["task"], r["line"], r["budget"]): r for r in result["results"]}
+    entry = rows[("R", "csp (defaults)", 0.2)]
+    assert entry["lo"] <= entry["acc"] <= entry["hi"] and entry["n"] == 2
+
+
+def test_quality_peer_merge_and_statistics(tmp_path):
+    """quality.py --peers merges quality_peers.py's rows by case fingerprint; Wilson and bootstrap intervals."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import quality
+    import torch
+
+    a = quality.Case("A", torch.tensor([[1, 2, 3]]), torch.zeros(1, 3, dtype=torch.long), answer="417")
+    b = quality.Case("A", torch.tensor([[1, 2, 4]]), torch.zeros(1, 3, dtype=torch.long), answer="417")
+    assert a.fingerprint() != b.fingerprint()
+    peers = {"cases": [{"task": "A", "fingerprint": a.fingerprint(),
+                        "results": {"full": {"answer": "417", "correct": True},
+                                    "kvpress SnapKV @0.2": {"answer": "41", "correct": False}}}]}
+    path = tmp_path / "quality-peers.json"
+    path.write_text(json.dumps(peers))
+    per_case = [{"full": {"answer": "417", "correct": True}}, {"full": {"answer": "1", "correct": False}}]
+    matched, names = quality.merge_peers([a, b], per_case, str(path))
+    assert matched == 1 and names == ["kvpress SnapKV"]
+    assert "kvpress SnapKV @0.2" in per_case[0] and "kvpress SnapKV @0.2" not in per_case[1]
+    summary = quality.aggregate([a, b], per_case)
+    assert summary["A"]["full"]["n"] == 2 and summary["A"]["kvpress SnapKV @0.2"]["n"] == 1
+    lo, hi = quality.wilson(8, 10)
+    assert 48.9 < lo < 49.1 and 94.2 < hi < 94.4  # 80% of 10: [49.0, 94.3]
+    lo, hi = quality.bootstrap_mean([1.0, 2.0, 3.0, 4.0])
+    assert 1.0 <= lo < 2.5 < hi <= 4.0
+    assert quality.line_config("csp (defaults)", 0.3) == cspkv.CSPConfig(budget=0.3)
+    name, fields = quality.parse_line("snapkv w=32 pool=15:policy=snapkv,window=32,recent=32,pool=15")
+    config = quality.line_config(name, 0.2, {name: quality.resolve_fields(fields)})
+    assert (config.window, config.recent, config.policy.name, config.policy.pool) == (32, 32, "snapkv", 15)
