@@ -33,4 +33,8 @@ assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid), "select_keep
 assert all(torch.equal(a, b) for a, b in zip(torch.ops.cspkv.compact_kv(k, v, idx), reference.compact_kv(k, v, idx)))
 out = torch.ops.cspkv.nsoftmax_attention(q, k, v, scale=0.25, n=0.0, kv_valid=None)
 assert torch.allclose(out, reference.nsoftmax_attention(q, k, v, scale=0.25), atol=1e-5), "nsoftmax_attention"
-print("cmake build OK: the four ops match the reference")
+kd, vd = k.reshape(-1, 16), v.reshape(-1, 16)  # four segments of 9 rows, used in part
+offsets, lengths = torch.tensor([0, 9, 18, 27]), torch.tensor([9, 4, 0, 6])
+out = torch.ops.cspkv.packed_attention(q, kd, vd, offsets, lengths, scale=0.25, n=1.0)
+assert torch.allclose(out, reference.packed_attention(q, kd, vd, offsets, lengths, scale=0.25, n=1.0), atol=1e-5), "packed_attention"
+print("cmake build OK: the five ops match the reference")

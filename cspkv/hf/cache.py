@@ -213,6 +213,7 @@ class PackedStore:
         self.batch, self.heads = batch, heads
         self.appended = appended
         self.inference = key_data.is_inference()
+        self.free = int((host_capacity - host_lengths).min())  # free rows of the fullest segment
 
     @classmethod
     def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor) -> "PackedStore":
@@ -260,7 +261,7 @@ class PackedStore:
 
     def room(self) -> int:
         """Free rows of the fullest segment."""
-        return int((self.host_capacity - self.host_lengths).min())
+        return self.free
 
     def writable(self) -> bool:
         return not self.inference or torch.is_inference_mode_enabled()
@@ -279,12 +280,14 @@ class PackedStore:
             self.lengths.add_(t)
         self.host_lengths += t
         self.appended += t
+        self.free -= t
 
     def crop(self, remove: int) -> None:
         """Drop the last `remove` slots of every segment (each holds that many)."""
         self.lengths.sub_(remove)
         self.host_lengths -= remove
         self.appended = max(0, self.appended - remove)
+        self.free += remove
 
     def longest(self) -> int:
         return int(self.host_lengths.max())
@@ -449,11 +452,12 @@ class PrunedLayer(DynamicLayer):
 
     def _append_packed(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         t = key_states.shape[2]
+        compiling = torch.compiler.is_compiling()
         live = None
-        if not torch.compiler.is_compiling():
+        if not compiling:
             chunk_live = self._liveness.chunk_live
             live = None if chunk_live is None else chunk_live(t, self.logical_len + t, self.packed.lengths.device)
-        if torch.compiler.is_compiling() or (live is not None and not _all_live(live)):
+        if compiling or (live is not None and not _all_live(live)):
             # Dead new tokens (a padded follow-up turn) need per-slot liveness: the padded layout has it.
             self._unpack()
             self._append(key_states, value_states)
