@@ -199,3 +199,22 @@ def test_quality_peers_small(tmp_path):
         assert all(f"{line} @0.2" in case["results"] for line in quality.PEER_LINES)
         if case["task"] == "A":
             assert case["results"]["full"]["correct"]  # the press-free path answers like quality.py's full cache
+
+
+@pytest.mark.slow
+def test_bench_allocation_quick_compares_uniform_and_adaptive(tmp_path, extension):
+    """bench_allocation.py --quick on a short prompt: every line runs; adaptive head budgets are
+    uneven and stored packed in the bytes of the uniform budget, the padded layout of the same
+    selection stores more."""
+    stdout = run_script("bench_allocation.py", "--quick", "--prompt", "400", "--threads", "1", "--out", str(tmp_path))
+    (json_file,) = tmp_path.glob("allocation-cpu-*-quick.json")
+    result = json.loads(json_file.read_text())
+    rows = {r["line"]: r for r in result["rows"]}
+    assert list(rows) == ["full", "uniform", "head adaptive", "head+layer adaptive", "head adaptive, padded"]
+    low, high = map(int, rows["head adaptive"]["kept_per_head_min_max"].split("-"))
+    assert low < high  # real weights: the KV heads do not attend alike
+    assert rows["head adaptive"]["kv_prefill_MiB"] <= rows["uniform"]["kv_prefill_MiB"] + 1e-9
+    assert rows["head adaptive, padded"]["kv_prefill_MiB"] > rows["head adaptive"]["kv_prefill_MiB"]
+    assert rows["uniform"]["kv_prefill_MiB"] < 0.3 * rows["full"]["kv_prefill_MiB"]
+    assert all(r["decode_ms_per_token"] > 0 for r in rows.values())
+    assert len(result["targets"]) == 5 and "## Targets" in stdout
