@@ -149,7 +149,7 @@ def main() -> int:
     stem = "allocation-" + common.device_label(device) + ("-quick" if args.quick else "")
     header = (
         "# Adaptive allocation: stored KV and decode time, SmolLM2-135M-Instruct\n\n"
-        f"{common.device_description(device)}, {args.threads} torch threads. The demo's pass-key prompt "
+        f"{common.device_description(device)}. The demo's pass-key prompt "
         f"({rows[0]['prompt']} tokens, batch 1), sdpa. Per line: one prefill and {decode_tokens} greedy tokens, "
         f"a warm-up round then {rounds} round(s) taking the configurations in turn; medians (decode spread = "
         "min-max over rounds). kv_prefill / kv_end: stored key+value bytes after the prefill and after decoding "

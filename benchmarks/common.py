@@ -36,7 +36,8 @@ def device_description(device: torch.device) -> str:
         pass
     # The widest vector ISA torch's CPU kernels use (AVX2, AVX512, ...): cspkv's kernels pick
     # their AVX2 or AVX-512 clone on the same hosts, and their speed depends on which.
-    return f"{model} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}), {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 @contextmanager
