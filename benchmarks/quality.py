@@ -902,7 +902,7 @@ def main(argv=None) -> int:
             return True
         if args.lines is not None:
             return line in args.lines
-        return not (quick and line.startswith("snapkv") and "adaptive" in line)  # quick: csp's allocation lines only
+        return not (quick and "adaptive" in line and line != "csp head=adaptive")  # quick: one allocation line
 
     lines = [line for line in all_lines if wanted(line)]
     configs = {}
@@ -938,7 +938,7 @@ def main(argv=None) -> int:
     dp = default.policy
     header = (
         f"# Quality: CSP vs baselines on {os.path.basename(path)}\n\n"
-        + "Tasks: " + "; ".join(f"{t}, {TASKS[t]}: {st['counts'][t]} {'contexts x 3 questions' if t == 'C' else 'cases'}, "
+        + "Tasks: " + "; ".join(f"{t}, {TASKS[t]}: {st['counts'][t]} {'contexts x 3 questions' if t == 'C' else 'passages' if t == 'B' else 'cases'}, "
                                 f"{span(cases, t)} tokens" for t in TASKS if st["counts"][t]) + ". "
         f"Task N: {args.distractors} distractors. Prompts: English from pydoc_data.topics and made-up records (seed "
         f"{args.seed}). The last prompt token is held back and fed over the pruned cache (task C: the whole question "
