@@ -716,7 +716,7 @@ def targets(summary: Dict[str, Dict[str, dict]], budgets: Sequence[float]) -> Li
                         f"cspkv {ours['acc']:.1f}%, kvpress {theirs['acc']:.1f}%"))
     for b in budgets:
         csp = get("B", CSP_LINE, b)
-        rest = [(n, e) for n, e in others("B", b) if n != "random"]
+        rest = [(n, e) for n, e in others("B", b) if n != cspkv.Random.name]
         if csp is None or not rest:
             continue
         best_name, best = min(rest, key=lambda x: x[1]["kl"])
