@@ -90,9 +90,6 @@ CONTINUATION = 64
 ANSWER_TOKENS = 4  # a space and three digits (SmolLM2 writes one token per digit)
 # The window of the labelled fixed-window lines (window = recent = 5% of the prompt).
 WINDOW = 0.05
-ALLOCATION = hasattr(CSPConfig, "head_allocation") or any(
-    f.name == "head_allocation" for f in dataclasses.fields(CSPConfig))
-
 # The lines: name -> CSPConfig fields besides the budget. `csp (defaults)` is CSPConfig(budget=b).
 LINES: Dict[str, dict] = {
     "csp (defaults)": {},
@@ -101,14 +98,11 @@ LINES: Dict[str, dict] = {
     "csp w=0.05": {"window": WINDOW},
     "snapkv w=0.05": {"policy": "snapkv", "window": WINDOW},
     "snapkv w=64": {"policy": "snapkv", "window": 64, "recent": 64},
+    "csp head=adaptive": {"head_allocation": "adaptive"},
+    "csp layer=adaptive": {"layer_allocation": "adaptive"},
+    "snapkv head=adaptive": {"policy": "snapkv", "head_allocation": "adaptive"},
+    "snapkv layer=adaptive": {"policy": "snapkv", "layer_allocation": "adaptive"},
 }
-if ALLOCATION:
-    LINES.update({
-        "csp head=adaptive": {"head_allocation": "adaptive"},
-        "csp layer=adaptive": {"layer_allocation": "adaptive"},
-        "snapkv head=adaptive": {"policy": "snapkv", "head_allocation": "adaptive"},
-        "snapkv layer=adaptive": {"policy": "snapkv", "layer_allocation": "adaptive"},
-    })
 ONE_SEGMENT = {"csp one segment"}  # lines whose tokens all get modality 0
 CSP_LINE = "csp (defaults)"
 SCORED_BASELINES = ("snapkv", "h2o", "streaming", "random", "snapkv w=0.05", "snapkv w=64")

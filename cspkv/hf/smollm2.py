@@ -48,9 +48,6 @@ def load_causal_lm(path: str, attn_implementation: str = "sdpa"):
 
 def kv_nbytes(past_key_values) -> int:
     """Bytes of the key/value tensors a cache stores (a pruned layer's free slots included)."""
-    try:
-        from .cache import stored_bytes
-    except ImportError:  # cspkv.cache before its move into cspkv.hf
-        from ..cache import stored_bytes
+    from .cache import stored_bytes
 
     return sum(stored_bytes(layer) for layer in past_key_values.layers)

@@ -122,10 +122,9 @@ def head_budgets(scores: Scores, k_mod: torch.Tensor, plans: Sequence[RowPlan], 
     for b, plan in enumerate(plans):
         if not _allocates(plan):
             continue
-        if Hkv > 1:
-            f = floor_tokens(plan, floor)
-            curves = _sorted_candidates(mass[b], candidate[b])
-            counts[b] = f + _joint_counts(curves, f - plan.recent, Hkv * (plan.budget - f))
+        f = floor_tokens(plan, floor)
+        curves = _sorted_candidates(mass[b], candidate[b])
+        counts[b] = f + _joint_counts(curves, f - plan.recent, Hkv * (plan.budget - f))
         if split_cross and scores.cross is not None and plan.cross_ratio > 0:
             cross = torch.nan_to_num(scores.cross[b][:, candidate[b]].double()).clamp_min(0).sum(-1)
             both = cross + torch.nan_to_num(scores.primary[b][:, candidate[b]].double()).clamp_min(0).sum(-1)
