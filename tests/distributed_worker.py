@@ -54,14 +54,14 @@ def _stats(handle) -> dict:
 
 
 def _cache(out) -> list:
-    """Per cache layer: (type of the stored keys, keys, values, kv_valid or None), on the CPU."""
+    """Per cache layer: (type of the stored keys, keys, values, kv_valid or None), on the CPU; a
+    pruned layer's slots as `stored_slots()` lays them out [B, Hkv, S(, D)], in either store."""
     from patch_models import returned_cache
 
     layers = []
     for layer in returned_cache(out).layers:
-        valid = getattr(layer, "kv_valid", None)
-        layers.append((type(layer.keys).__name__, layer.keys.detach().cpu().clone(), layer.values.detach().cpu().clone(),
-                       None if valid is None else valid.detach().cpu().clone()))
+        slots = layer.stored_slots() if hasattr(layer, "stored_slots") else (layer.keys, layer.values, None)
+        layers.append((type(layer.keys).__name__,) + tuple(None if t is None else t.detach().cpu().clone() for t in slots))
     return layers
 
 
