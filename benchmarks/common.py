@@ -9,7 +9,7 @@ import platform
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -175,3 +175,25 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+# ----------------------------------------------------------------------------- statistics
+def wilson(successes: int, n: int, z: float = 1.959964) -> Tuple[float, float]:
+    """95% Wilson score interval of a proportion, in percent."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def bootstrap_mean(values: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> Tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (one value per passage)."""
+    x = torch.tensor(list(values), dtype=torch.float64)
+    if x.numel() < 2:
+        return float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(0, x.numel(), (resamples, x.numel()), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi

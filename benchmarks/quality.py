@@ -59,7 +59,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -81,7 +80,7 @@ from cspkv.hf.cache import PrunedLayer  # noqa: E402
 from cspkv.pruning import PrunedKV, plan_batch, score_layer, select_and_compact, window_query_ids  # noqa: E402
 from cspkv.demo import english_passages  # noqa: E402
 from cspkv.hf.prompts import chat_prompt  # noqa: E402
-from common import RESULTS, device_description, write_results  # noqa: E402
+from common import RESULTS, bootstrap_mean, device_description, wilson, write_results  # noqa: E402
 
 BASELINES = ("snapkv", "h2o", "streaming", "random")
 INSTRUCTION, RECORDS, PROSE = 0, 1, 2
@@ -621,28 +620,6 @@ def run_case(model, tokenizer, case: Case, configs: Dict[str, CSPConfig], one_se
             else:
                 results[k] = retrieval(greedy(model, cache, last, case.answer_tokens, stop))[0]
     return results
-
-
-# ----------------------------------------------------------------------------- statistics
-def wilson(successes: int, n: int, z: float = 1.959964) -> Tuple[float, float]:
-    """95% Wilson score interval of a proportion, in percent."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
-
-
-def bootstrap_mean(values: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> Tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of `values` (one value per passage)."""
-    x = torch.tensor(list(values), dtype=torch.float64)
-    if x.numel() < 2:
-        return float("nan"), float("nan")
-    g = torch.Generator().manual_seed(seed)
-    means = x[torch.randint(0, x.numel(), (resamples, x.numel()), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
 
 
 def aggregate(cases: List[Case], per_case: List[dict]) -> Dict[str, Dict[str, dict]]:

@@ -64,8 +64,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cspkv  # noqa: E402
 from cspkv import CSPConfig, ops  # noqa: E402
 from cspkv.demo import english_passages  # noqa: E402
-from cspkv.hf.cache import stored_bytes  # noqa: E402
-from common import RESULTS, device_description, write_results  # noqa: E402
+from cspkv.hf.smollm2 import kv_nbytes  # noqa: E402
+from common import RESULTS, bootstrap_mean, device_description, wilson, write_results  # noqa: E402
 from quality import (  # noqa: E402  the retrieval pieces and the capture path of the quality benchmark
     ANSWER_TOKENS, INSTRUCTION, PROSE, RECORDS, THINGS, Prefill, _dynamic_cache, _prose, capturing_queries, greedy,
     pruned_cache, pruned_kv,
@@ -82,33 +82,6 @@ PHASES: Dict[str, float] = {}
 def _forward_kw(model) -> str:
     """The name of the cache argument of the model's forward: `cache` (transformers 5.x) or `past_key_values`."""
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def kv_bytes(cache) -> int:
-    """Stored key + value bytes of a cache, per layer with `cspkv.hf.cache.stored_bytes` (free store slots included)."""
-    return sum(stored_bytes(layer) for layer in cache.layers)
-
-
-# ----------------------------------------------------------------------------- statistics
-def wilson(successes: int, n: int, z: float = 1.959964) -> Tuple[float, float]:
-    """95% Wilson score interval of a proportion, in percent."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
-
-
-def bootstrap_mean(values: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> Tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of `values` (one value per passage)."""
-    x = torch.tensor(list(values), dtype=torch.float64)
-    if x.numel() < 2:
-        return float("nan"), float("nan")
-    g = torch.Generator().manual_seed(seed)
-    means = x[torch.randint(0, x.numel(), (resamples, x.numel()), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -276,7 +249,7 @@ def run_two_turn(model, tokenizer, case: TurnCase, budgets: Sequence[float], sto
     last, chunk, chunk_seg = case.turn2[:, -1:], case.turn2[:, :-1], case.seg2[:, :-1]
 
     def finish(name: str, cache) -> None:
-        stored = kv_bytes(cache)
+        stored = kv_nbytes(cache)
         text = answer_text(tokenizer, greedy(model, cache, last, ANSWER_TOKENS, stop)[0].tolist())
         results[name] = {"answer": text[:30], "correct": case.answer in text, "bytes": stored}
 
@@ -356,7 +329,7 @@ def run_context(model, tokenizer, case: ContextCase, budgets: Sequence[float], s
         last = question[:, -1:]
         with phase("task 2 full"):
             cache = _dynamic_cache(model, pre.keys, pre.values)
-            add("full", greedy(model, cache, last, ANSWER_TOKENS, stop)[0].tolist(), answer, kv_bytes(cache))
+            add("full", greedy(model, cache, last, ANSWER_TOKENS, stop)[0].tolist(), answer, kv_nbytes(cache))
         with phase("task 2 query-aware"):
             rows = [pruned_kv(pre, CSPConfig(budget=b)) for b in budgets]
             with cspkv.patched(model, CSPConfig()) as handle:
@@ -370,7 +343,7 @@ def run_context(model, tokenizer, case: ContextCase, budgets: Sequence[float], s
         with phase("task 2 compress-once"), cspkv.patched(model, budget=b):
             with torch.inference_mode():
                 context = cspkv.compress(model, case.context, modality_ids=case.seg)
-            stored = kv_bytes(context.cache())
+            stored = kv_nbytes(context.cache())
             for question, answer in zip(case.questions, case.answers):
                 with torch.inference_mode():
                     cache = context.cache()
@@ -406,7 +379,7 @@ def run_generation(model, prompts: torch.Tensor, segs: torch.Tensor, conts: torc
             model(input_ids=held[i:i + 1], use_cache=True, logits_to_keep=1, **{kw: cache})
             logits = model(input_ids=steps[i:i + 1], use_cache=True, **{kw: cache}).logits
             full_lp.append(torch.log_softmax(logits.float(), -1)[0])
-        full_bytes = kv_bytes(cache)
+        full_bytes = kv_nbytes(cache)
     full_lp = torch.stack(full_lp)  # [N, C, V]
     out: Dict[str, dict] = {}
     for line in lines:
@@ -424,7 +397,7 @@ def run_generation(model, prompts: torch.Tensor, segs: torch.Tensor, conts: torc
                 kl[:, t] = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0).double()
                 top1[:, t] = (lp.argmax(-1) == ref.argmax(-1)).double()
             compressions = [s.get("decode_compressions") or 0 for s in handle.stats()["layers"].values() if s.get("pruned")]
-        out[line.name] = {"kl": kl, "top1": top1, "bytes": kv_bytes(cache) / N,
+        out[line.name] = {"kl": kl, "top1": top1, "bytes": kv_nbytes(cache) / N,
                           "compressions": max(compressions, default=0)}
     out["full"] = {"kl": torch.zeros(N, C, dtype=torch.float64), "top1": torch.ones(N, C, dtype=torch.float64),
                    "bytes": full_bytes, "compressions": 0}
