@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/common.h"
 
@@ -17,6 +18,21 @@ namespace {
 constexpr int64_t kBlockKeys = 64;
 // Query rows per tile (decode has G of them, prefill chunks G * Q).
 constexpr int64_t kTileRows = 64;
+
+// One thread's scratch for attend_block over tiles of up to `tile_rows` query rows: the tile's
+// queries in float32, each row's key limit and its end within the block, the block's logits
+// and seen-key list, and (for a half/bf16 cache) the block's K and V converted to float32.
+struct BlockScratch {
+  std::vector<float> q_tile;
+  std::vector<int64_t> limits, ends;
+  std::vector<float> s;
+  std::vector<int32_t> seen;
+  std::vector<float> k_block, v_block;
+
+  BlockScratch(int64_t tile_rows, int64_t D, int64_t Dv, bool float_cache)
+      : q_tile(tile_rows * D), limits(tile_rows), ends(tile_rows), s(kBlockKeys), seen(kBlockKeys),
+        k_block(float_cache ? 0 : kBlockKeys * D), v_block(float_cache ? 0 : kBlockKeys * Dv) {}
+};
 
 // Converts `rows` rows of half/bf16 K or V into a float32 block.
 template <typename scalar_t>

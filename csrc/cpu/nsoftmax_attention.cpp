@@ -72,12 +72,8 @@ void nsoftmax_attention_kernel(const scalar_t* q,       // [B, H, Q, D] contiguo
   };
 
   at::parallel_for(0, items * parts, 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<float> q_tile(tile_rows * D);
-    std::vector<int64_t> limits(tile_rows), ends(tile_rows);
-    std::vector<float> s(kBlockKeys);
-    std::vector<int32_t> seen(kBlockKeys);
-    std::vector<float> k_block(kFloatCache ? 0 : kBlockKeys * D);
-    std::vector<float> v_block(kFloatCache ? 0 : kBlockKeys * Dv);
+    cpu::BlockScratch scratch(tile_rows, D, Dv, kFloatCache);
+    auto& [q_tile, limits, ends, s, seen, k_block, v_block] = scratch;
     std::vector<float> own_m(parts > 1 ? 0 : tile_rows), own_l(own_m.size()), own_acc(own_m.size() * Dv);
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t item = task / parts, part = task % parts;

@@ -49,12 +49,8 @@ void packed_attention_kernel(const scalar_t* q,           // [B, H, T, D] contig
   const int64_t items = shape.B * Hkv * tiles;
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(tile_rows * D);
-    std::vector<int64_t> limits(tile_rows), ends(tile_rows);
-    std::vector<float> s(kBlockKeys);
-    std::vector<int32_t> seen(kBlockKeys);
-    std::vector<float> k_block(kFloatCache ? 0 : kBlockKeys * D);
-    std::vector<float> v_block(kFloatCache ? 0 : kBlockKeys * Dv);
+    cpu::BlockScratch scratch(tile_rows, D, Dv, kFloatCache);
+    auto& [q_tile, limits, ends, s, seen, k_block, v_block] = scratch;
     std::vector<float> m(tile_rows), l(tile_rows), acc(tile_rows * Dv);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t segment = item / tiles, tile = item % tiles;
