@@ -145,8 +145,9 @@ def timed_generate(model, input_ids, max_new_tokens: int, segment_ids=None, *, w
 def csp_settings(case: PassKeyCase, *, budget, cross_ratio, pool=None) -> dict:
     """The demo's `cspkv.CSPConfig` fields (`pool` None: the policy's default).
 
-    The observation window is the question: the default 10% window would be
-    mostly the last document looking at itself. CSP's score pooling keeps the
+    The observation window is the question: the default window (10% of the
+    prompt, at most 64 tokens) would be mostly the last document looking at
+    itself. CSP's score pooling keeps the
     neighbours of strongly attended tokens, so a multi-token key survives whole.
     """
     settings = dict(budget=budget, cross_ratio=cross_ratio, window=case.question_tokens)

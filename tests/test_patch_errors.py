@@ -52,7 +52,7 @@ def test_config_wrong_type_names_the_field(field, value):
 
 def test_config_defaults_and_overrides():
     config = cspkv.CSPConfig()
-    assert (config.budget, config.window, config.recent, config.policy.cross_ratio, config.policy.n, config.decode_n) == (0.2, 0.1, None, 0.9, 1.0, 0.0)
+    assert (config.budget, config.window, config.recent, config.policy.cross_ratio, config.policy.n, config.decode_n) == (0.2, None, None, 0.9, 1.0, 0.0)
     assert config.policy == cspkv.CSP() and config.policy.pool == 15
     assert config.prefill_lse is True and config.overlap_pruning is False
     assert config.replace(layers=[3, 1]).layers == (1, 3)

@@ -34,6 +34,11 @@ def test_plan_row():
     text = torch.zeros(100, dtype=torch.long)
     plan = plan_row(CSPConfig(), text)
     assert plan == RowPlan(length=100, budget=20, window=10, recent=10, cross_ratio=0.0, pruned=True)
+    # the default window: 10% of the prompt, at most 64 tokens; a given fraction has no cap
+    long_text = torch.zeros(2000, dtype=torch.long)
+    assert (plan_row(CSPConfig(), long_text).window, plan_row(CSPConfig(), long_text).recent) == (64, 64)
+    assert (plan_row(CSPConfig(window=0.1), long_text).window, plan_row(CSPConfig(window=0.1), long_text).recent) == (200, 200)
+    assert plan_row(CSPConfig(recent=5), long_text).recent == 5
     mixed = torch.cat([torch.full((10,), -1), torch.zeros(30), torch.ones(60)]).long()
     plan = plan_row(CSPConfig(budget=0.5, window=0.2, recent=4, cross_ratio=0.9, min_prompt=8), mixed)
     assert (plan.length, plan.budget, plan.window, plan.recent, plan.cross_ratio) == (90, 45, 18, 4, 0.9)

@@ -19,6 +19,9 @@ import torch
 if TYPE_CHECKING:
     from .config import CSPConfig
 
+#: `CSPConfig.window=None`: this fraction of the prompt, at most this many tokens.
+DEFAULT_WINDOW = (0.1, 64)
+
 
 def token_count(spec, length: int) -> int:
     """Tokens meant by a size `spec` for a prompt of `length` real tokens.
@@ -34,6 +37,19 @@ def token_count(spec, length: int) -> int:
     else:
         count = int(spec)
     return max(0, min(count, length))
+
+
+def window_count(spec, length: int) -> int:
+    """Observation-window tokens meant by `CSPConfig.window` (`spec`) for a prompt of `length`
+    real tokens: `token_count`, and for None the default, 10% of the prompt but at most 64 tokens.
+
+    >>> window_count(None, 300), window_count(None, 2000), window_count(0.1, 2000)
+    (30, 64, 200)
+    """
+    if spec is None:
+        fraction, cap = DEFAULT_WINDOW
+        return min(token_count(fraction, length), cap)
+    return token_count(spec, length)
 
 
 @dataclass(frozen=True)
@@ -70,10 +86,10 @@ def plan_row(config: "CSPConfig", row_mod: torch.Tensor) -> RowPlan:
         return RowPlan(0, 1, 0, 0, 0.0, False)
     if length < config.min_prompt:
         return RowPlan(length, length, 0, length, 0.0, False)
-    window = max(1, token_count(config.window, length))
+    window_tokens = window_count(config.window, length)
+    window = max(1, window_tokens)
     budget = max(1, token_count(config.budget, length))
-    recent_spec = config.window if config.recent is None else config.recent
-    recent = min(token_count(recent_spec, length), budget)
+    recent = min(window_tokens if config.recent is None else token_count(config.recent, length), budget)
     return config.policy.plan(RowPlan(length, budget, window, recent, 0.0, True), real)
 
 

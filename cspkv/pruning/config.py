@@ -70,8 +70,13 @@ class CSPConfig:
         row's real prompt length (rounded to the nearest count, at least 1) or a
         count. ``1.0`` keeps everything (and must reproduce the unpatched model);
         the int ``1`` keeps one token.
-    window : float in (0, 1] or int >= 1, default 0.1
+    window : float in (0, 1], int >= 1 or None, default None
         Observation window: the last `window` prompt positions score the keys.
+        None: 10% of the prompt, at most 64 tokens (`cspkv.pruning.budget.DEFAULT_WINDOW`). The cap
+        keeps the recent window (below) to a small share of a long prompt's
+        budget: with a plain 10% (the earlier default) half of a 20% budget
+        went to it, and all of a 10% one (benchmarks/results/quality.md
+        compares both).
     recent : float in [0, 1], int >= 0 or None, default None (= `window`)
         The last `recent` prompt tokens are always kept (capped at the budget).
     decode_n : float >= 0, default 0.0
@@ -169,7 +174,7 @@ class CSPConfig:
     """
 
     budget: Size = 0.2
-    window: Size = 0.1
+    window: Optional[Size] = None
     recent: Optional[Size] = None
     decode_n: float = 0.0
     min_prompt: int = 32
@@ -188,7 +193,8 @@ class CSPConfig:
     def __post_init__(self) -> None:
         # Frozen: normalised values are stored with object.__setattr__.
         object.__setattr__(self, "budget", _check_size("budget", self.budget, allow_zero=False))
-        object.__setattr__(self, "window", _check_size("window", self.window, allow_zero=False))
+        if self.window is not None:
+            object.__setattr__(self, "window", _check_size("window", self.window, allow_zero=False))
         if self.recent is not None:
             object.__setattr__(self, "recent", _check_size("recent", self.recent, allow_zero=True))
         object.__setattr__(self, "decode_n", _check_non_negative("decode_n", self.decode_n))
