@@ -7,7 +7,8 @@ pydoc_data.topics, records made up from a seed):
   one-line records ("The locker number is 417.") at spread depths, one asked.
   The three segment kinds are CSP's modalities (instruction 0, records 1, prose 2).
 - R, retrieval of one-record blocks: 1-6 records, each its own paragraph among
-  long prose, codes of 4-6 digits, prompts of `--lengths-r` tokens.
+  long prose, codes of 4-6 digits, prompts of `--lengths-r` tokens; every other
+  case unprimed (the model answers in its own words, up to 16 tokens).
 - N, a needle among distractors: `--distractors` records of the same form with
   other keys, each its own paragraph, one asked (the CSP paper's weakest column).
 - C, compress once, then ask: a context with three records is pruned before
@@ -17,17 +18,16 @@ pydoc_data.topics, records made up from a seed):
   1k-2k tokens, then 64 teacher-forced tokens; mean KL(full || pruned) of the
   next-token distributions and top-1 agreement with the full cache.
 
-Retrieval answers are primed ("The <key> number is"); metric: exact match (the
-greedy answer contains the code). Accuracy with a 95% Wilson interval, KL with
+Retrieval answers are primed ("The <key> number is"), but for half of task R;
+metric: exact match (the greedy answer contains the code). Accuracy with a 95% Wilson interval, KL with
 a 95% bootstrap interval over passages.
 
 Lines: `csp (defaults)` is exactly `CSPConfig(budget=b)`, window and recent
 included (what a user gets); `csp one segment` the same with every token in one
-modality; snapkv, h2o, streaming, random at their defaults; labelled
-fixed-window lines (`w=0.05`: window = recent = 5% of the prompt; `w=64`:
-window = recent = 64 tokens, kvpress SnapKV's setting); and, when the library
-has them (`CSPConfig.head_allocation`), csp and snapkv with adaptive head and
-layer allocation. `--line 'NAME:field=value,...'` adds a line. kvpress's
+modality; snapkv, h2o, streaming, random at their defaults (the same window);
+`csp w=0.1` with window = recent = 10% of the prompt (the earlier
+default); csp and snapkv with adaptive head and layer allocation
+(`CSPConfig.head_allocation`, `layer_allocation`). `--line 'NAME:field=value,...'` adds a line. kvpress's
 presses (SnapKV, AdaKV(SnapKV), PyramidKV) run in benchmarks/quality_peers.py
 (under a venv with transformers < 5.3) on the same cases; `--peers FILE`
 merges its results into this report.
@@ -38,13 +38,13 @@ benchmark prefills each prompt once (its first L-1 tokens; task C: the whole
 context), captures every layer's post-RoPE queries, and then builds each
 configuration's pruned cache with the library's own pipeline, in its two halves
 (`cspkv.pruning.score_layer` once per scoring setting, `select_and_compact` per
-budget: what the patched attention's `prune_layer` does at prefill). The last
+budget, with the layer and head allocation of `cspkv.pruning.allocation`: what
+the patched attention does at prefill). The last
 prompt token is held back: it is fed over the pruned cache by the patched model
 (later_prefill off, so nothing but the prompt is pruned), followed by the greedy
 answer or the teacher-forced continuation. Task C feeds each question over a
 fresh copy of the pruned context and checks the capture path against
-`cspkv.compress` (line `csp (defaults) via compress`). Lines the capture path
-cannot build (adaptive allocation) run through `cspkv.patched` itself.
+`cspkv.compress` (line `csp (defaults) via compress`, at `--compress-check`).
 
     python benchmarks/quality.py            # default sweep (hours on 2 cores; see benchmarks/README.md)
     python benchmarks/quality.py --quick    # a small subset (< 4 min), exercised by the tests
@@ -77,7 +77,8 @@ import cspkv  # noqa: E402
 from cspkv import CSP, CSPConfig, ScoreInputs, ops  # noqa: E402
 from cspkv.hf import models  # noqa: E402
 from cspkv.hf.cache import PrunedLayer  # noqa: E402
-from cspkv.pruning import PrunedKV, plan_batch, score_layer, select_and_compact, window_query_ids  # noqa: E402
+from cspkv.pruning import (PrunedKV, head_allocation, layer_budgets, layer_plans, plan_batch,  # noqa: E402
+                           score_layer, select_and_compact, window_query_ids)
 from cspkv.demo import english_passages  # noqa: E402
 from cspkv.hf.prompts import chat_prompt  # noqa: E402
 from common import RESULTS, bootstrap_mean, device_description, wilson, write_results  # noqa: E402
@@ -87,16 +88,15 @@ INSTRUCTION, RECORDS, PROSE = 0, 1, 2
 QUESTION = 9  # a placeholder segment that marks where task C's question starts (relabelled INSTRUCTION)
 CONTINUATION = 64
 ANSWER_TOKENS = 4  # a space and three digits (SmolLM2 writes one token per digit)
-# The window of the labelled fixed-window lines (window = recent = 5% of the prompt).
-WINDOW = 0.05
+FREE_ANSWER_TOKENS = 16  # task R's unprimed answers
+# The window of `csp w=0.1`: window = recent = 10% of the prompt, the earlier library default.
+FRACTION_WINDOW = 0.1
 # The lines: name -> CSPConfig fields besides the budget. `csp (defaults)` is CSPConfig(budget=b).
 LINES: Dict[str, dict] = {
     "csp (defaults)": {},
     "csp one segment": {},
     **{name: {"policy": name} for name in BASELINES},
-    "csp w=0.05": {"window": WINDOW},
-    "snapkv w=0.05": {"policy": "snapkv", "window": WINDOW},
-    "snapkv w=64": {"policy": "snapkv", "window": 64, "recent": 64},
+    "csp w=0.1": {"window": FRACTION_WINDOW},
     "csp head=adaptive": {"head_allocation": "adaptive"},
     "csp layer=adaptive": {"layer_allocation": "adaptive"},
     "snapkv head=adaptive": {"policy": "snapkv", "head_allocation": "adaptive"},
@@ -104,7 +104,7 @@ LINES: Dict[str, dict] = {
 }
 ONE_SEGMENT = {"csp one segment"}  # lines whose tokens all get modality 0
 CSP_LINE = "csp (defaults)"
-SCORED_BASELINES = ("snapkv", "h2o", "streaming", "random", "snapkv w=0.05", "snapkv w=64")
+SCORED_BASELINES = BASELINES + ("snapkv head=adaptive", "snapkv layer=adaptive")
 PEER_LINES = ("kvpress SnapKV", "kvpress AdaKV(SnapKV)", "kvpress PyramidKV")
 RETRIEVAL_TASKS = ("A", "R", "N")  # the question in the prompt
 TASKS = {
@@ -129,11 +129,6 @@ def phase(name: str):
         yield
     finally:
         PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - start
-
-
-def uses_patch(config: CSPConfig) -> bool:
-    """Lines the capture path cannot build: per-head or per-layer allocation (run through cspkv.patched)."""
-    return any(getattr(config, name, "uniform") != "uniform" for name in ("head_allocation", "layer_allocation"))
 
 
 # ----------------------------------------------------------------------------- cases
@@ -256,7 +251,9 @@ def _depth_of(tokenizer, input_ids: torch.Tensor, line: str) -> float:
 def block_case(tokenizer, passages, *, seed: int, target_tokens: int, task: str = "R",
                distractors: int = 15) -> Case:
     """Task R (1-6 records, codes of 4-6 digits) or N (one needle and `distractors` records of the same
-    form with other keys, 4-digit codes): each record a paragraph of its own among prose; one asked."""
+    form with other keys, 4-digit codes): each record a paragraph of its own among prose; one asked.
+    Task R primes every other answer ("The <key> number is"); the rest answer freely in up to
+    FREE_ANSWER_TOKENS tokens (the code must appear in them)."""
     rng = random.Random(seed)
     if task == "R":
         records, digits = rng.randint(1, 6), rng.choice((4, 5, 6))
@@ -273,8 +270,13 @@ def block_case(tokenizer, passages, *, seed: int, target_tokens: int, task: str 
     fixed = sum(_count(tokenizer, t) for t in lines + [tail, prime, intro]) + 3 * records + 30
     pieces = [(intro, INSTRUCTION), *_blocks(tokenizer, passages, rng, lines, max(target_tokens - fixed, 100)),
               (tail, INSTRUCTION)]
-    input_ids, segment_ids = _primed(tokenizer, pieces, prime)
-    return Case(task, input_ids, segment_ids, answer=str(values[asked]), answer_tokens=digits + 1,
+    if task == "R" and seed % 2:
+        input_ids, segment_ids = chat_prompt(tokenizer, pieces)
+        answer_tokens = FREE_ANSWER_TOKENS
+    else:
+        input_ids, segment_ids = _primed(tokenizer, pieces, prime)
+        answer_tokens = digits + 1
+    return Case(task, input_ids, segment_ids, answer=str(values[asked]), answer_tokens=answer_tokens,
                 depth=_depth_of(tokenizer, input_ids, lines[asked]), records=records)
 
 
@@ -452,18 +454,28 @@ def _score_key(config: CSPConfig, one_segment: bool = False) -> tuple:
 
 
 def pruned_kv(pre: Prefill, config: CSPConfig, one_segment: bool = False) -> List[PrunedKV]:
-    """Per layer, the cache `config` keeps: the library's pipeline, its scores shared across budgets.
-    `one_segment`: every token in modality 0 (CSP without modalities)."""
+    """Per layer, the cache `config` keeps: the library's pipeline (budgets spread over layers and
+    KV heads as `config`'s allocation says, as cspkv.patched does), its scores shared across
+    budgets. `one_segment`: every token in modality 0 (CSP without modalities)."""
     k_mod = torch.zeros_like(pre.k_mod) if one_segment else pre.k_mod
     plans = plan_batch(config, k_mod)
     q_mod = window_query_ids(k_mod, plans)
     key_ = _score_key(config, one_segment)
-    if key_ not in pre.scores:  # scores do not depend on budget, cross ratio or decode_n
+    if key_ not in pre.scores:  # scores do not depend on budget, cross ratio, allocation or decode_n
         pre.scores[key_] = [
             score_layer(config, ScoreInputs(q, k, q_mod, k_mod, s, i))
             for i, (q, k, s) in enumerate(zip(pre.queries, pre.keys, pre.scaling))
         ]
-    return [select_and_compact(scores, k, v, k_mod, plans) for scores, k, v in zip(pre.scores[key_], pre.keys, pre.values)]
+    scores = pre.scores[key_]
+    per_layer = [plans] * len(scores)
+    if config.layer_allocation == "adaptive":
+        budgets = layer_budgets(scores, k_mod, plans, config.allocation_floor)
+        per_layer = [layer_plans(plans, budgets[i]) for i in range(len(scores))]
+    out = []
+    for layer_scores, k, v, row_plans in zip(scores, pre.keys, pre.values, per_layer):
+        budgets, cross_ratios = head_allocation(config, layer_scores, k_mod, row_plans)
+        out.append(select_and_compact(layer_scores, k, v, k_mod, row_plans, budgets=budgets, cross_ratios=cross_ratios))
+    return out
 
 
 def pruned_cache(model, rows: List[List[PrunedKV]], logical_len: int, liveness):
@@ -578,8 +590,7 @@ def run_case(model, tokenizer, case: Case, configs: Dict[str, CSPConfig], one_se
         top1 = (lp.argmax(-1) == full_lp.argmax(-1)).float()
         return [{"kl": float(kl[r].mean()), "top1": float(top1[r].mean())} for r in range(lp.shape[0])]
 
-    capture = [(k, c) for k, c in configs.items() if not uses_patch(c)]
-    for group in batches(capture):
+    for group in batches(list(configs.items())):
         decode_n = group[0][1].decode_n
         with phase(f"score+select+compact {case.task}"):
             rows = [pruned_kv(pre, config, k in one_segment) for k, config in group]
@@ -598,27 +609,15 @@ def run_case(model, tokenizer, case: Case, configs: Dict[str, CSPConfig], one_se
         for (k, _), result in zip(group, outcome):
             results[k] = result
 
-    # Lines the capture path cannot build, and task C's check: the library's own entry points.
-    patch_path = [(k, c) for k, c in configs.items() if uses_patch(c)]
-    if qa:
-        patch_path += [(key(CSP_LINE + " via compress", b), CSPConfig(budget=b)) for b in compress_check]
-    for k, config in patch_path:
-        seg = torch.zeros_like(case.segment_ids) if k in one_segment else case.segment_ids
-        with phase(f"patched path {case.task}"), cspkv.patched(model, config) as handle:
-            if qa:
-                with torch.inference_mode():
-                    context = cspkv.compress(model, case.input_ids, modality_ids=seg)
-                handle.config = config.replace(later_prefill="off")
-                results[k] = [q[0] for q in _answer_questions(model, tokenizer, case, context.cache, 1)]
-                continue
-            cache = _dynamic_cache(model)
-            with cspkv.modalities(model, seg[:, :-1]), torch.inference_mode():
-                model(input_ids=case.input_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    # Task C's check: the library's own entry points give the same answers.
+    for b in compress_check if qa else ():
+        config = CSPConfig(budget=b)
+        with phase(f"compress check {case.task}"), cspkv.patched(model, config) as handle:
+            with torch.inference_mode():
+                context = cspkv.compress(model, case.input_ids, modality_ids=case.segment_ids)
             handle.config = config.replace(later_prefill="off")
-            if case.task == "B":
-                results[k] = finish_b(teacher_forced_logprobs(model, cache, chunk))[0]
-            else:
-                results[k] = retrieval(greedy(model, cache, last, case.answer_tokens, stop))[0]
+            results[key(CSP_LINE + " via compress", b)] = [q[0] for q in _answer_questions(model, tokenizer, case,
+                                                                                            context.cache, 1)]
     return results
 
 
@@ -679,11 +678,11 @@ def targets(summary: Dict[str, Dict[str, dict]], budgets: Sequence[float]) -> Li
                     f"full {full['acc']:.1f}%, csp {csp['acc']:.1f}% (gap {gap:+.1f}; n={csp['n']} questions)"))
     for task in RETRIEVAL_TASKS + ("C",):
         for b in budgets:
-            ours, theirs = get(task, "snapkv w=64", b), get(task, "kvpress SnapKV", b)
+            ours, theirs = get(task, cspkv.SnapKV.name, b), get(task, "kvpress SnapKV", b)
             if ours is None or theirs is None:
                 continue
-            out.append((f"task {task}, budget {b}: cspkv snapkv (window = recent = 64) within 2 points of kvpress SnapKV "
-                        f"(window 64)", ours["acc"] >= theirs["acc"] - 2.0,
+            out.append((f"task {task}, budget {b}: cspkv snapkv within 2 points of kvpress SnapKV",
+                        ours["acc"] >= theirs["acc"] - 2.0,
                         f"cspkv {ours['acc']:.1f}%, kvpress {theirs['acc']:.1f}%"))
     for b in budgets:
         csp = get("B", CSP_LINE, b)
@@ -788,6 +787,24 @@ def merge_peers(cases: List[Case], per_case: List[dict], path: str) -> Tuple[int
     return matched, names
 
 
+def earlier_results(cases: List[Case], paths: Sequence[str]) -> Tuple[List[dict], float]:
+    """`--from-results`: each case's results from the quality.json files of earlier runs (matched by
+    fingerprint), and the sum of their wall times; a case found in none of them is an error."""
+    by_fp, sweep_s = {}, 0.0
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        by_fp.update({c["fingerprint"]: c["results"] for c in run["cases"]})
+        sweep_s += run["wall_s"]
+        for k, v in run["phases_s"].items():
+            PHASES[k] = PHASES.get(k, 0.0) + v
+    missing = [c for c in cases if c.fingerprint() not in by_fp]
+    if missing:
+        raise SystemExit(f"--from-results: {len(missing)} of {len(cases)} cases are in none of {list(paths)} "
+                         f"(first: task {missing[0].task}); give the same --seed, case counts and lengths")
+    return [by_fp[c.fingerprint()] for c in cases], sweep_s
+
+
 # ----------------------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -798,12 +815,15 @@ def parser() -> argparse.ArgumentParser:
                        help=f"task {task.upper()} prompt lengths in tokens, used in turn")
     p.add_argument("--distractors", type=int, default=15, help="task N: distractor records (default 15)")
     p.add_argument("--budgets", type=float, nargs="+", default=None, help="default 0.1 0.2 0.3 0.5")
-    p.add_argument("--patch-budgets", type=float, nargs="+", default=None,
-                   help="budgets of the lines that run through cspkv.patched (adaptive allocation; default --budgets)")
+    p.add_argument("--compress-check", type=float, nargs="*", default=None,
+                   help="task C budgets at which cspkv.compress answers too (default 0.3, else the first budget)")
     p.add_argument("--lines", nargs="+", default=None, help="run only these lines (default: all)")
     p.add_argument("--line", action="append", default=[], metavar="'NAME:field=value,...'",
                    help="an extra line: CSPConfig fields (window=64,recent=64,policy=snapkv) and policy fields "
                         "(pool=7,cross_ratio=0.5)")
+    p.add_argument("--from-results", nargs="+", default=None, metavar="QUALITY_JSON",
+                   help="report without running: per-case results of earlier runs (same seed; e.g. tasks split "
+                        "over processes), matched to this run's cases by fingerprint")
     p.add_argument("--peers", default=None, help="quality-peers.json of benchmarks/quality_peers.py on the same cases")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -850,7 +870,6 @@ def main(argv=None) -> int:
     quick = args.quick
     st = settings(args)
     budgets = st["budgets"]
-    patch_budgets = tuple(args.patch_budgets or ((0.2,) if quick else budgets))
     backend = ops.backend("cpu")
     if backend != "kernel":
         print(f"note: cspkv ops run the pure-torch reference ({ops.extension_error()}); slower", flush=True)
@@ -868,31 +887,24 @@ def main(argv=None) -> int:
         name, fields_ = parse_line(spec)
         extra[name] = resolve_fields(fields_)
     all_lines = {**LINES, **extra}
-    def wanted(line: str) -> bool:
-        if line in extra:
-            return True
-        if args.lines is not None:
-            return line in args.lines
-        return not (quick and "adaptive" in line and line != "csp head=adaptive")  # quick: one allocation line
-
-    lines = [line for line in all_lines if wanted(line)]
+    lines = [line for line in all_lines if line in extra or args.lines is None or line in args.lines]
     configs = {}
     for line in lines:
         for b in budgets:
-            config = line_config(line, b, extra)
-            if uses_patch(config) and b not in patch_budgets:
-                continue
-            configs[key(line, b)] = config
+            configs[key(line, b)] = line_config(line, b, extra)
     one_segment = [key(l, b) for l in lines if l in ONE_SEGMENT for b in budgets]
-    compress_check = budgets if CSP_LINE in lines else ()
+    compress_check = () if CSP_LINE not in lines else tuple(
+        args.compress_check if args.compress_check is not None else (0.3,) if 0.3 in budgets else budgets[:1])
     print(f"{os.path.basename(path)}: " + ", ".join(f"{t} {st['counts'][t]} cases ({span(cases, t)} tokens)" for t in TASKS)
           + f"; {len(lines)} lines x {len(budgets)} budgets; ops: {backend}; {torch.get_num_threads()} threads", flush=True)
 
-    per_case = []
     sweep_started = time.perf_counter()
-    for case in tqdm(cases, desc="cases", unit="case", file=sys.stdout, mininterval=10):
-        per_case.append(run_case(model, tokenizer, case, configs, one_segment, compress_check))
-    sweep_s = time.perf_counter() - sweep_started
+    if args.from_results:
+        per_case, sweep_s = earlier_results(cases, args.from_results)
+    else:
+        per_case = [run_case(model, tokenizer, case, configs, one_segment, compress_check)
+                    for case in tqdm(cases, desc="cases", unit="case", file=sys.stdout, mininterval=10)]
+        sweep_s = time.perf_counter() - sweep_started
     print("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(PHASES.items())), flush=True)
 
     peer_note = ""
@@ -915,15 +927,18 @@ def main(argv=None) -> int:
         f"{args.seed}). The last prompt token is held back and fed over the pruned cache (task C: the whole question "
         f"chunk, after the context was pruned without it); nothing after the prompt is pruned (later_prefill off). "
         f"Every pruned cache is built by the library's score_layer + select_and_compact on the captured prefill "
-        f"(tests/test_benchmarks.py checks it equals cspkv.patched's); lines with adaptive allocation run through "
-        f"cspkv.patched. `{CSP_LINE}` = CSPConfig(budget=b): window={default.window}, recent={default.recent} (= window), "
+        f"(tests/test_benchmarks.py checks it equals cspkv.patched's). `{CSP_LINE}` = CSPConfig(budget=b): window={default.window} (10% of the prompt, at most 64 tokens), "
+        f"recent={default.recent} (= window), "
         f"n={dp.n:g}, decode_n={default.decode_n:g}, cross_ratio={dp.cross_ratio}, pool={dp.pool}; baselines at their "
-        f"defaults (same window); `w=0.05` / `w=64`: window = recent = 5% of the prompt / 64 tokens. "
+        f"defaults (same window); `csp w=0.1`: window = recent = 10% of the prompt. Task R: every other answer "
+        f"unprimed ({FREE_ANSWER_TOKENS} new tokens). "
         f"Accuracy: exact match, 95% Wilson interval (task C: questions of one context share it, so its interval is "
         f"somewhat too narrow); KL: mean over the 64 steps, 95% bootstrap over passages.{peer_note} "
-        f"{'QUICK SUBSET. ' if quick else ''}Device: {device_description(torch.device('cpu'))}; ops: {backend}; load "
-        f"average at start {load_at_start:.1f}. Wall time: {total_s / 60:.1f} min (model load {loaded:.0f} s, sweep "
-        f"{sweep_s / 60:.1f} min).")
+        f"{'QUICK SUBSET. ' if quick else ''}Device: {device_description(torch.device('cpu'))}; ops: {backend}. "
+        + (f"Per-case results of {len(args.from_results)} runs side by side (the tasks split between them, 1 thread "
+           f"each), {sweep_s / 60:.1f} min of wall time summed over them." if args.from_results
+           else f"Load average at start {load_at_start:.1f}. Wall time: {total_s / 60:.1f} min (model load "
+                f"{loaded:.0f} s, sweep {sweep_s / 60:.1f} min)."))
     extra_md = ("\n## Tasks x lines x budgets\n" + task_tables(summary, shown, budgets)
                 + "\nTargets as HOLDS / MISSED:\n\n"
                 + "\n".join(f"- {'HOLDS' if ok else 'MISSED'} {what}: {detail}" for what, ok, detail in checks) + "\n")
@@ -932,7 +947,7 @@ def main(argv=None) -> int:
     write_results("quality", header, target_rows, ["target", "status", "detail"], extra_md=extra_md, folder=args.out,
                   extra_json={"results": flat_rows(summary), "lines": {l: {k: str(v) for k, v in all_lines[l].items()}
                                                                        for l in lines},
-                              "wall_s": total_s, "phases_s": PHASES, "backend": backend, "quick": quick,
+                              "wall_s": total_s if not args.from_results else sweep_s, "phases_s": PHASES, "backend": backend, "quick": quick,
                               "budgets": budgets, "counts": st["counts"], "lengths": st["lengths"],
                               "cases": [{"task": c.task, "tokens": c.input_ids.shape[1], "fingerprint": c.fingerprint(),
                                          "records": c.records, "depth": round(c.depth, 3), "results": r}

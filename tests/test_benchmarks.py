@@ -92,7 +92,8 @@ def test_quality_benchmark_caches_are_the_patched_models():
     """benchmarks/quality.py prefills a prompt once, captures each layer's queries and builds every
     configuration's cache with the library's score_layer + select_and_compact. For every line of its
     table, that cache must hold exactly what cspkv.patched keeps, and give the same next-token
-    logits; budget 1.0 through that path must give the full cache's logits. (The start-up check
+    logits (adaptive head and layer allocation included); budget 1.0 through that path must give
+    the full cache's logits. (The start-up check
     quality.py ran while it had its own copy of the pipeline, on a tiny Llama.)"""
     import quality
     import torch
@@ -108,9 +109,7 @@ def test_quality_benchmark_caches_are_the_patched_models():
     pre = quality.prefill(model, case)
     prompt_ids, prompt_segments, last = ids[:, :-1], segments[:, :-1], ids[:, -1:]
     for name in quality.LINES:
-        config = quality.line_config(name, 0.2)
-        if quality.uses_patch(config):  # adaptive allocation: quality.py runs these through cspkv.patched itself
-            continue
+        config = quality.line_config(name, 0.2).replace(window=24)  # the 160-token prompt: 24 scored positions
         one = name in quality.ONE_SEGMENT  # every token in modality 0
         mine = quality.pruned_kv(pre, config, one_segment=one)
         with cspkv.patched(model, config) as handle, torch.inference_mode():
@@ -119,14 +118,15 @@ def test_quality_benchmark_caches_are_the_patched_models():
                 model(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             assert [type(layer) for layer in cache.layers] == [PrunedLayer] * 2, name
             for i, kept in enumerate(mine):
-                layer = cache.layers[i]
-                assert torch.equal(layer.keys, kept.keys) and torch.equal(layer.values, kept.values), (name, i)
-                assert torch.equal(layer.kv_valid, kept.keep_valid), (name, i)
+                keys, values, valid = cache.layers[i].stored_slots()  # packed under uneven head budgets
+                assert torch.equal(valid.sum(-1), kept.keep_valid.sum(-1)), (name, i)
+                assert torch.equal(keys[valid], kept.keys[kept.keep_valid]), (name, i)
+                assert torch.equal(values[valid], kept.values[kept.keep_valid]), (name, i)
             theirs = model(input_ids=last, past_key_values=cache, use_cache=True).logits[:, -1]
             ours = model(input_ids=last, past_key_values=quality.pruned_cache(model, [mine], prompt_ids.shape[1], handle.liveness),
                          use_cache=True).logits[:, -1]
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=name)
-    everything = quality.pruned_kv(pre, cspkv.CSPConfig(window=quality.WINDOW, budget=1.0))
+    everything = quality.pruned_kv(pre, cspkv.CSPConfig(window=24, budget=1.0))
     with cspkv.patched(model, cspkv.CSPConfig()) as handle, torch.inference_mode():
         kept = model(input_ids=last, past_key_values=quality.pruned_cache(model, [everything], prompt_ids.shape[1], handle.liveness),
                      use_cache=True).logits[:, -1]

@@ -271,7 +271,8 @@ def test_quality_benchmark_quick(tmp_path):
     report = (tmp_path / "quality.md").read_text()
     for task in ("A", "R", "N", "C", "B"):  # every task has its table, with n and 95% intervals
         assert f"### Task {task}:" in report, task
-    for line in ("full", "csp (defaults)", "csp one segment", "snapkv", "h2o", "streaming", "random", "snapkv w=64",
+    for line in ("full", "csp (defaults)", "csp one segment", "snapkv", "h2o", "streaming", "random", "csp w=0.1",
+                 "csp head=adaptive", "csp layer=adaptive", "snapkv head=adaptive", "snapkv layer=adaptive",
                  "csp (defaults) via compress"):
         assert f"| {line} |" in report, line
     assert "HOLDS" in report or "MISSED" in report
@@ -312,6 +313,14 @@ def test_quality_peer_merge_and_statistics(tmp_path):
     assert "kvpress SnapKV @0.2" in per_case[0] and "kvpress SnapKV @0.2" not in per_case[1]
     summary = quality.aggregate([a, b], per_case)
     assert summary["A"]["full"]["n"] == 2 and summary["A"]["kvpress SnapKV @0.2"]["n"] == 1
+    # --from-results: a report from the per-case results of runs that split the cases between them
+    for i, (case, res) in enumerate(zip([a, b], per_case)):
+        (tmp_path / f"run{i}.json").write_text(json.dumps(
+            {"wall_s": 60.0 * (i + 1), "phases_s": {"prefill A": 1.0}, "cases": [{"fingerprint": case.fingerprint(), "results": res}]}))
+    runs = [str(tmp_path / "run0.json"), str(tmp_path / "run1.json")]
+    assert quality.earlier_results([b, a], runs) == ([per_case[1], per_case[0]], 180.0)
+    with pytest.raises(SystemExit, match="--from-results: 1 of 2 cases"):
+        quality.earlier_results([a, b], runs[:1])
     lo, hi = quality.wilson(8, 10)
     assert 48.9 < lo < 49.1 and 94.2 < hi < 94.4  # 80% of 10: [49.0, 94.3]
     lo, hi = quality.bootstrap_mean([1.0, 2.0, 3.0, 4.0])
