@@ -144,6 +144,7 @@ class Case:
     questions: List[torch.Tensor] = field(default_factory=list)  # task C: [1, T] question chunks
     answers: List[str] = field(default_factory=list)  # task C
     records: int = 0
+    primed: bool = True  # retrieval: the answer's first words are given ("The <key> number is")
 
     def fingerprint(self) -> str:
         """The case's identity across processes (quality_peers.py runs the same cases by seed)."""
@@ -270,13 +271,13 @@ def block_case(tokenizer, passages, *, seed: int, target_tokens: int, task: str 
     fixed = sum(_count(tokenizer, t) for t in lines + [tail, prime, intro]) + 3 * records + 30
     pieces = [(intro, INSTRUCTION), *_blocks(tokenizer, passages, rng, lines, max(target_tokens - fixed, 100)),
               (tail, INSTRUCTION)]
-    if task == "R" and seed % 2:
-        input_ids, segment_ids = chat_prompt(tokenizer, pieces)
-        answer_tokens = FREE_ANSWER_TOKENS
-    else:
+    primed = not (task == "R" and seed % 2)
+    if primed:
         input_ids, segment_ids = _primed(tokenizer, pieces, prime)
-        answer_tokens = digits + 1
-    return Case(task, input_ids, segment_ids, answer=str(values[asked]), answer_tokens=answer_tokens,
+    else:
+        input_ids, segment_ids = chat_prompt(tokenizer, pieces)
+    return Case(task, input_ids, segment_ids, answer=str(values[asked]), primed=primed,
+                answer_tokens=digits + 1 if primed else FREE_ANSWER_TOKENS,
                 depth=_depth_of(tokenizer, input_ids, lines[asked]), records=records)
 
 
@@ -727,6 +728,25 @@ def task_tables(summary: Dict[str, Dict[str, dict]], lines: Sequence[str], budge
     return "\n".join(out) + "\n"
 
 
+def answer_forms(cases: List[Case], per_case: List[dict], lines: Sequence[str], budget: float) -> str:
+    """A table of task R at `budget`, primed and free answers apart (the issue's independent set answered
+    freely); empty without task R."""
+    rows = []
+    for line in ["full"] + list(lines):
+        k = line if line == "full" else key(line, budget)
+        cells = []
+        for primed in (True, False):
+            hits = [bool(r[k]["correct"]) for c, r in zip(cases, per_case) if c.task == "R" and c.primed == primed and k in r]
+            cells.append(f"{100.0 * sum(hits) / len(hits):.1f} [{', '.join(f'{x:.1f}' for x in wilson(sum(hits), len(hits)))}]"
+                         f" (n={len(hits)})" if hits else "-")
+        if any(c != "-" for c in cells):
+            rows.append(f"| {line} | " + " | ".join(cells) + " |")
+    if len(rows) <= 1:
+        return ""
+    return (f"\n### Task R by answer form, budget {budget:g}; exact match % [95% Wilson]\n\n| line | primed | free (up to "
+            f"{FREE_ANSWER_TOKENS} tokens) |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def flat_rows(summary: Dict[str, Dict[str, dict]]) -> List[dict]:
     rows = []
     for task, entries in summary.items():
@@ -789,12 +809,15 @@ def merge_peers(cases: List[Case], per_case: List[dict], path: str) -> Tuple[int
 
 def earlier_results(cases: List[Case], paths: Sequence[str]) -> Tuple[List[dict], float]:
     """`--from-results`: each case's results from the quality.json files of earlier runs (matched by
-    fingerprint), and the sum of their wall times; a case found in none of them is an error."""
-    by_fp, sweep_s = {}, 0.0
+    fingerprint; runs of other lines on the same case add their keys, a later file's key replaces an
+    earlier one's), and the sum of their wall times; a case found in none of them is an error."""
+    by_fp: Dict[str, dict] = {}
+    sweep_s = 0.0
     for path in paths:
         with open(path) as f:
             run = json.load(f)
-        by_fp.update({c["fingerprint"]: c["results"] for c in run["cases"]})
+        for c in run["cases"]:
+            by_fp.setdefault(c["fingerprint"], {}).update(c["results"])
         sweep_s += run["wall_s"]
         for k, v in run["phases_s"].items():
             PHASES[k] = PHASES.get(k, 0.0) + v
@@ -822,8 +845,8 @@ def parser() -> argparse.ArgumentParser:
                    help="an extra line: CSPConfig fields (window=64,recent=64,policy=snapkv) and policy fields "
                         "(pool=7,cross_ratio=0.5)")
     p.add_argument("--from-results", nargs="+", default=None, metavar="QUALITY_JSON",
-                   help="report without running: per-case results of earlier runs (same seed; e.g. tasks split "
-                        "over processes), matched to this run's cases by fingerprint")
+                   help="report without running: per-case results of earlier runs (same seed; e.g. tasks or lines "
+                        "split over processes), matched to this run's cases by fingerprint")
     p.add_argument("--peers", default=None, help="quality-peers.json of benchmarks/quality_peers.py on the same cases")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -940,6 +963,7 @@ def main(argv=None) -> int:
            else f"Load average at start {load_at_start:.1f}. Wall time: {total_s / 60:.1f} min (model load "
                 f"{loaded:.0f} s, sweep {sweep_s / 60:.1f} min)."))
     extra_md = ("\n## Tasks x lines x budgets\n" + task_tables(summary, shown, budgets)
+                + answer_forms(cases, per_case, shown, 0.2)
                 + "\nTargets as HOLDS / MISSED:\n\n"
                 + "\n".join(f"- {'HOLDS' if ok else 'MISSED'} {what}: {detail}" for what, ok, detail in checks) + "\n")
     os.makedirs(args.out, exist_ok=True)
@@ -950,10 +974,10 @@ def main(argv=None) -> int:
                               "wall_s": total_s if not args.from_results else sweep_s, "phases_s": PHASES, "backend": backend, "quick": quick,
                               "budgets": budgets, "counts": st["counts"], "lengths": st["lengths"],
                               "cases": [{"task": c.task, "tokens": c.input_ids.shape[1], "fingerprint": c.fingerprint(),
-                                         "records": c.records, "depth": round(c.depth, 3), "results": r}
+                                         "records": c.records, "depth": round(c.depth, 3), "primed": c.primed, "results": r}
                                         for c, r in zip(cases, per_case)]})
     plot(summary, shown, budgets, os.path.join(args.out, "quality.png"), f"{os.path.basename(path)}, seed {args.seed}")
-    print(task_tables(summary, shown, budgets))
+    print(task_tables(summary, shown, budgets) + answer_forms(cases, per_case, shown, 0.2))
     print("targets:")
     for what, ok, detail in checks:
         print(f"  {'HOLDS' if ok else 'MISSED'}  {what}: {detail}")

@@ -276,6 +276,7 @@ def test_quality_benchmark_quick(tmp_path):
                  "csp (defaults) via compress"):
         assert f"| {line} |" in report, line
     assert "HOLDS" in report or "MISSED" in report
+    assert "### Task R by answer form, budget 0.2" in report  # its 2 cases: one primed, one answered freely
     result = json.loads((tmp_path / "quality.json").read_text())
     tasks = {c["task"] for c in result["cases"]}
     assert tasks == {"A", "R", "N", "C", "B"}
@@ -321,6 +322,14 @@ def test_quality_peer_merge_and_statistics(tmp_path):
     assert quality.earlier_results([b, a], runs) == ([per_case[1], per_case[0]], 180.0)
     with pytest.raises(SystemExit, match="--from-results: 1 of 2 cases"):
         quality.earlier_results([a, b], runs[:1])
+    (tmp_path / "more.json").write_text(json.dumps(  # another line on case a, run apart
+        {"wall_s": 1.0, "phases_s": {}, "cases": [{"fingerprint": a.fingerprint(), "results": {"h2o @0.2": {"correct": False}}}]}))
+    free = quality.Case("R", torch.tensor([[5]]), torch.zeros(1, 1, dtype=torch.long), answer="1", primed=False)
+    table = quality.answer_forms([free, b], [{"full": {"correct": True}, "h2o @0.2": {"correct": False}}, per_case[1]],
+                                 ["h2o"], 0.2)
+    assert "| h2o | - | 0.0 [0.0, 79.3] (n=1) |" in table  # task R only; b is task A
+    merged, _ = quality.earlier_results([a, b], runs + [str(tmp_path / "more.json")])
+    assert merged[0] == {**per_case[0], "h2o @0.2": {"correct": False}} and merged[1] == per_case[1]
     lo, hi = quality.wilson(8, 10)
     assert 48.9 < lo < 49.1 and 94.2 < hi < 94.4  # 80% of 10: [49.0, 94.3]
     lo, hi = quality.bootstrap_mean([1.0, 2.0, 3.0, 4.0])
