@@ -65,6 +65,7 @@ import cspkv  # noqa: E402
 from cspkv import CSPConfig, ops  # noqa: E402
 from cspkv.demo import english_passages  # noqa: E402
 from cspkv.hf.smollm2 import kv_nbytes  # noqa: E402
+from cspkv.pruning.budget import window_count  # noqa: E402
 from common import RESULTS, bootstrap_mean, device_description, wilson, write_results  # noqa: E402
 from quality import (  # noqa: E402  the retrieval pieces and the capture path of the quality benchmark
     ANSWER_TOKENS, INSTRUCTION, PROSE, RECORDS, THINGS, Prefill, _dynamic_cache, _prose, capturing_queries, greedy,
@@ -646,11 +647,11 @@ def main(argv=None) -> int:
         f"compression with decode_interval {decode_interval}, decode_window {decode_window}. The full cache's "
         f"distributions come from one forward over the continuation. KV MiB = stored at the end, per passage.\n\n"
         f"Settings: library defaults (policy csp, cross_ratio {default.policy.cross_ratio}, pool {default.policy.pool}, "
-        f"window = recent = {default.window} of each pruned chunk, min_prompt {default.min_prompt}) with budget and "
-        f"the field named on the line. Window choice: quality.py gives every policy a fixed fraction "
-        f"(0.05) of the prompt, not the question's tokens (that is the demo's choice), and one patch's window serves "
-        f"both turns of task 1, where turn 1 holds no question; so the library default stands. With `chunk` and "
-        f"`total`, the turn-2 window (its last ~{round(default.window * turn2_tokens)} tokens) holds the question and "
+        f"window = recent = 10% of each pruned chunk, at most 64 tokens, min_prompt {default.min_prompt}) with budget "
+        f"and the field named on the line. Window choice: one patch's window serves both turns of task 1, where turn 1 "
+        f"holds no question, so the library default stands rather than the question's tokens (the demo's choice). With "
+        f"`chunk` and `total`, the turn-2 window (its last ~{window_count(default.window, turn2_tokens)} tokens) holds "
+        f"the question and "
         f"the primed answer. Segments are CSP's modalities (instructions/questions 0, records 1, prose 2; task 3: "
         f"passage index). Accuracy intervals: 95% Wilson. {'QUICK SUBSET. ' if quick else ''}"
         f"Device: {device_description(torch.device('cpu'))}; ops: {backend}; load average at start {load_at_start:.1f}, at the end {os.getloadavg()[0]:.1f}. "
