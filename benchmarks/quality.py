@@ -19,15 +19,16 @@ pydoc_data.topics, records made up from a seed):
   next-token distributions and top-1 agreement with the full cache.
 
 Retrieval answers are primed ("The <key> number is"), but for half of task R;
-metric: exact match (the greedy answer contains the code). Accuracy with a 95% Wilson interval, KL with
-a 95% bootstrap interval over passages.
+metric: exact match (the greedy answer contains the code). Accuracy with a 95%
+Wilson interval, KL with a 95% bootstrap interval over passages.
 
 Lines: `csp (defaults)` is exactly `CSPConfig(budget=b)`, window and recent
 included (what a user gets); `csp one segment` the same with every token in one
 modality; snapkv, h2o, streaming, random at their defaults (the same window);
 `csp w=0.1` with window = recent = 10% of the prompt (the earlier
 default); csp and snapkv with adaptive head and layer allocation
-(`CSPConfig.head_allocation`, `layer_allocation`). `--line 'NAME:field=value,...'` adds a line. kvpress's
+(`CSPConfig.head_allocation`, `layer_allocation`). `--line
+'NAME:field=value,...'` adds a line. kvpress's
 presses (SnapKV, AdaKV(SnapKV), PyramidKV) run in benchmarks/quality_peers.py
 (under a venv with transformers < 5.3) on the same cases; `--peers FILE`
 merges its results into this report.
@@ -950,20 +951,20 @@ def main(argv=None) -> int:
         f"{args.seed}). The last prompt token is held back and fed over the pruned cache (task C: the whole question "
         f"chunk, after the context was pruned without it); nothing after the prompt is pruned (later_prefill off). "
         f"Every pruned cache is built by the library's score_layer + select_and_compact on the captured prefill "
-        f"(tests/test_benchmarks.py checks it equals cspkv.patched's). `{CSP_LINE}` = CSPConfig(budget=b): window={default.window} (10% of the prompt, at most 64 tokens), "
-        f"recent={default.recent} (= window), "
+        f"(tests/test_benchmarks.py checks it equals cspkv.patched's). `{CSP_LINE}` = CSPConfig(budget=b): "
+        f"window={default.window} (10% of the prompt, at most 64 tokens), recent={default.recent} (= window), "
         f"n={dp.n:g}, decode_n={default.decode_n:g}, cross_ratio={dp.cross_ratio}, pool={dp.pool}; baselines at their "
         f"defaults (same window); `csp w=0.1`: window = recent = 10% of the prompt. Task R: every other answer "
         f"unprimed ({FREE_ANSWER_TOKENS} new tokens). "
         f"Accuracy: exact match, 95% Wilson interval (task C: questions of one context share it, so its interval is "
         f"somewhat too narrow); KL: mean over the 64 steps, 95% bootstrap over passages.{peer_note} "
         f"{'QUICK SUBSET. ' if quick else ''}Device: {device_description(torch.device('cpu'))}; ops: {backend}. "
-        + (f"Per-case results of {len(args.from_results)} runs side by side (the tasks split between them, 1 thread "
-           f"each), {sweep_s / 60:.1f} min of wall time summed over them." if args.from_results
+        + (f"Per-case results of {len(args.from_results)} earlier runs (--from-results), {sweep_s / 60:.1f} min of "
+           f"wall time summed over them." if args.from_results
            else f"Load average at start {load_at_start:.1f}. Wall time: {total_s / 60:.1f} min (model load "
                 f"{loaded:.0f} s, sweep {sweep_s / 60:.1f} min)."))
-    extra_md = ("\n## Tasks x lines x budgets\n" + task_tables(summary, shown, budgets)
-                + answer_forms(cases, per_case, shown, 0.2)
+    tables = task_tables(summary, shown, budgets) + answer_forms(cases, per_case, shown, 0.2)
+    extra_md = ("\n## Tasks x lines x budgets\n" + tables
                 + "\nTargets as HOLDS / MISSED:\n\n"
                 + "\n".join(f"- {'HOLDS' if ok else 'MISSED'} {what}: {detail}" for what, ok, detail in checks) + "\n")
     os.makedirs(args.out, exist_ok=True)
@@ -971,13 +972,14 @@ def main(argv=None) -> int:
     write_results("quality", header, target_rows, ["target", "status", "detail"], extra_md=extra_md, folder=args.out,
                   extra_json={"results": flat_rows(summary), "lines": {l: {k: str(v) for k, v in all_lines[l].items()}
                                                                        for l in lines},
-                              "wall_s": total_s if not args.from_results else sweep_s, "phases_s": PHASES, "backend": backend, "quick": quick,
+                              "wall_s": sweep_s if args.from_results else total_s, "phases_s": PHASES, "backend": backend,
+                              "quick": quick,
                               "budgets": budgets, "counts": st["counts"], "lengths": st["lengths"],
                               "cases": [{"task": c.task, "tokens": c.input_ids.shape[1], "fingerprint": c.fingerprint(),
                                          "records": c.records, "depth": round(c.depth, 3), "primed": c.primed, "results": r}
                                         for c, r in zip(cases, per_case)]})
     plot(summary, shown, budgets, os.path.join(args.out, "quality.png"), f"{os.path.basename(path)}, seed {args.seed}")
-    print(task_tables(summary, shown, budgets) + answer_forms(cases, per_case, shown, 0.2))
+    print(tables)
     print("targets:")
     for what, ok, detail in checks:
         print(f"  {'HOLDS' if ok else 'MISSED'}  {what}: {detail}")

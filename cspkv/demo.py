@@ -147,8 +147,8 @@ def csp_settings(case: PassKeyCase, *, budget, cross_ratio, pool=None) -> dict:
 
     The observation window is the question: the default window (10% of the
     prompt, at most 64 tokens) would be mostly the last document looking at
-    itself. CSP's score pooling keeps the
-    neighbours of strongly attended tokens, so a multi-token key survives whole.
+    itself. CSP's score pooling keeps the neighbours of strongly attended
+    tokens, so a multi-token key survives whole.
     """
     settings = dict(budget=budget, cross_ratio=cross_ratio, window=case.question_tokens)
     if pool is not None:

@@ -72,11 +72,11 @@ class CSPConfig:
         the int ``1`` keeps one token.
     window : float in (0, 1], int >= 1 or None, default None
         Observation window: the last `window` prompt positions score the keys.
-        None: 10% of the prompt, at most 64 tokens (`cspkv.pruning.budget.DEFAULT_WINDOW`). The cap
-        keeps the recent window (below) to a small share of a long prompt's
-        budget: with a plain 10% (the earlier default) half of a 20% budget
-        went to it, and all of a 10% one (benchmarks/results/quality.md
-        compares both).
+        None: 10% of the prompt, at most 64 tokens
+        (`cspkv.pruning.budget.DEFAULT_WINDOW`). The cap keeps the recent
+        window (below) to a small share of a long prompt's budget: with a
+        plain 10% (the earlier default) half of a 20% budget went to it, and
+        all of a 10% one (benchmarks/results/quality.md compares both).
     recent : float in [0, 1], int >= 0 or None, default None (= `window`)
         The last `recent` prompt tokens are always kept (capped at the budget).
     decode_n : float >= 0, default 0.0
